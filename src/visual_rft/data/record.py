@@ -28,13 +28,32 @@ class Record:
     def load_image(self) -> Image.Image:
         """Return the image as RGB, opening it from disk when the record holds a path."""
         if isinstance(self.image, Image.Image):
-            return self.image.convert("RGB") if self.image.mode != "RGB" else self.image
+            return to_rgb(self.image)
         try:
             with Image.open(self.image) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{self.source or self.image}: cannot open image {self.image}: {exc}") from exc
 
     def columns(self) -> dict[str, Any]:
         """The keyword columns a reward function receives for this record."""
         return {"solution": self.solution, "problem": self.problem, **self.fields}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    PIL's own convert("RGB") clips 16/32-bit integer pixels at 255 instead of rescaling them, so a
+    16-bit PNG (mode "I;16", or "I" in some Pillow versions) would come out almost white: rescale
+    0..65535 to 0..255 first. A 32-bit "I" image already within 0..255 is left as it is.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):
+        import numpy as np
+
+        pixels = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+            pixels = pixels / 257.0 + 0.5
+        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return img.convert("RGB")

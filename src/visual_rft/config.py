@@ -1,0 +1,314 @@
+"""Typed run configuration: dataclass defaults < YAML file < `key=value` overrides, validated on load.
+
+Every hyper-parameter of a run lives here with an explicit default, so nothing is silently
+inherited from a library default that may change (the original release's KL weight became 0 when
+TRL changed its default). The resolved config is written next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters on the language model (never the vision tower)."""
+
+    enabled: bool = False  # train LoRA adapters instead of all weights
+    r: int = 16  # adapter rank
+    alpha: int = 32  # LoRA scaling numerator
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to place it."""
+
+    name_or_path: str = "runs/tiny-model"  # local directory or hub id of the policy
+    dtype: str = "auto"  # auto = fp32 on CPU, bf16 on GPU; or float32 / bfloat16 / float16
+    device: str = "auto"  # auto = cuda when available, else cpu
+    attn_implementation: Optional[str] = None  # e.g. sdpa, flash_attention_2; None = library default
+    freeze_vision: bool = False  # keep the vision tower fixed
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    min_pixels: Optional[int] = None  # processor lower bound on image area (None = checkpoint's)
+    max_pixels: Optional[int] = None  # processor upper bound on image area (paper: 401408)
+
+
+@dataclass
+class DataConfig:
+    """Where records come from (JSON/JSONL, save_to_disk, parquet, ImageFolder, embedded:mnist)."""
+
+    train: str = ""  # training split path (`dir::split` picks a DatasetDict split)
+    eval: Optional[str] = None  # held-out split for `eval` and end-of-run evaluation
+    image_root: Optional[str] = None  # base folder for relative image paths
+    image_size: Optional[int] = None  # resize images to this square size (None = keep)
+    limit: Optional[int] = None  # use only the first N records of each split
+
+
+@dataclass
+class TaskConfig:
+    """The task: its prompt and its verifiable rewards."""
+
+    name: Literal["classification", "detection", "grounding"] = "classification"
+    mode: Literal["strict", "visual_rft"] = "strict"  # reward semantics; visual_rft = original release
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # names or module:function
+    reward_weights: Optional[list[float]] = None  # one per reward; None = all 1.0
+    question: str = "This is an image containing a plant. Please identify the species of the plant based on the image."
+    instruction: str = (
+        "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+        "The output answer format should be as follows:\n<think> ... </think> <answer>species name</answer>\n"
+        "Please strictly follow the format."
+    )  # appended to the question on a new line when the record has no problem text of its own
+    system_prompt: Optional[str] = None  # optional system message
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO: sampling, advantages, the clipped objective, the KL term and the optimiser."""
+
+    num_generations: int = 8  # G, completions sampled per prompt
+    per_device_batch_size: int = 1  # prompts per micro-batch on each device
+    grad_accum_steps: int = 2  # micro-batches per optimiser step
+    num_epochs: float = 1.0  # passes over the training split
+    max_steps: int = -1  # stop after this many optimiser steps (-1 = from num_epochs)
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0  # gradient clipping; <= 0 disables
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = 0.0  # fraction of steps with linear warm-up
+    beta: float = 0.04  # KL weight to the reference model; 0 skips the reference entirely
+    epsilon: float = 0.2  # lower clip range of the ratio
+    epsilon_high: Optional[float] = None  # upper clip range (DAPO clip-higher); None = epsilon
+    num_iterations: int = 1  # policy updates per rollout batch (mu)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"  # how token losses are averaged
+    scale_rewards: bool = True  # divide advantages by the group std (False = Dr. GRPO)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_prompt_length: int = 1024  # prompts longer than this are an error (images must not be cut)
+    max_completion_length: int = 256  # new tokens per completion
+    seed: int = 42
+
+
+@dataclass
+class SFTConfig:
+    """The supervised baseline on the same records: learn `<think>…</think>` + the solution."""
+
+    think: str = "I look at the image and identify it."  # reasoning text placed in the target
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    """Greedy (or sampled) decoding over a split, scored by the task's own verifier."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes and how often."""
+
+    dir: str = "runs/grpo"
+    save_steps: int = 100  # checkpoint every N optimiser steps (0 = only at the end)
+    save_total_limit: int = 2  # keep this many newest checkpoints
+    log_steps: int = 1  # metrics line every N steps
+    sample_steps: int = 10  # save sampled rollouts every N steps (0 = never)
+    tensorboard: bool = False  # also write TensorBoard events
+    progress: bool = True  # console progress bar
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(choices)})"
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-6" (no dot) as a string; accept it as the number it is
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp in (int, float, str) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'" + _suggest(key, names))
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn `a.b=value` strings into a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML at `path` < `key=value` overrides; validated, with errors naming the key."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        cfg = build(Config, tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    g = cfg.grpo
+    positive = {
+        "grpo.num_generations": g.num_generations, "grpo.per_device_batch_size": g.per_device_batch_size,
+        "grpo.grad_accum_steps": g.grad_accum_steps, "grpo.num_iterations": g.num_iterations,
+        "grpo.max_completion_length": g.max_completion_length, "grpo.max_prompt_length": g.max_prompt_length,
+        "sft.batch_size": cfg.sft.batch_size, "sft.grad_accum_steps": cfg.sft.grad_accum_steps,
+        "eval.batch_size": cfg.eval.batch_size, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if g.num_generations < 2:
+        raise ConfigError("grpo.num_generations must be >= 2: group advantages need at least two samples")
+    if g.beta < 0 or g.epsilon <= 0 or (g.epsilon_high is not None and g.epsilon_high <= 0):
+        raise ConfigError("grpo.beta must be >= 0 and grpo.epsilon / epsilon_high > 0")
+    if g.temperature <= 0:
+        raise ConfigError(f"grpo.temperature must be > 0 for sampling, got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"grpo.top_p must be in (0, 1], got {g.top_p}")
+    weights = cfg.task.reward_weights
+    if weights is not None and len(weights) != len(cfg.task.rewards):
+        raise ConfigError(
+            f"task.reward_weights has {len(weights)} entries but task.rewards has {len(cfg.task.rewards)}"
+        )
+    if not cfg.task.rewards:
+        raise ConfigError("task.rewards is empty: GRPO needs at least one reward")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

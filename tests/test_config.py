@@ -1,0 +1,73 @@
+"""Config loading: defaults < YAML < overrides, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from visual_rft.config import Config, ConfigError, load_config, parse_overrides, save_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_yaml_and_overrides_layer(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grpo:\n  beta: 0.1\n  num_generations: 4\nmodel:\n  lora:\n    enabled: true\n")
+    cfg = load_config(path, ["grpo.beta=0.0", "task.mode=visual_rft", "grpo.learning_rate=3e-4"])
+    assert cfg.grpo.beta == 0.0 and cfg.grpo.num_generations == 4
+    assert cfg.model.lora.enabled is True and cfg.model.lora.r == 16
+    assert cfg.task.mode == "visual_rft" and cfg.grpo.learning_rate == 3e-4
+    assert cfg.grpo.epsilon == 0.2  # untouched default stays explicit
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grpo:\n  num_generation: 4\n")
+    with pytest.raises(ConfigError, match=r"grpo\.num_generation.*did you mean 'num_generations'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown config key 'trainer'"):
+        load_config(None, ["trainer.lr=1"])
+
+
+def test_wrong_types_name_the_key():
+    with pytest.raises(ConfigError, match=r"grpo\.num_generations: expected int"):
+        load_config(None, ["grpo.num_generations=eight"])
+    with pytest.raises(ConfigError, match=r"task\.mode: 'lenient' is not one of"):
+        load_config(None, ["task.mode=lenient"])
+    with pytest.raises(ConfigError, match=r"model\.freeze_vision: expected true/false"):
+        load_config(None, ["model.freeze_vision=3"])
+    with pytest.raises(ConfigError, match=r"task\.rewards: expected a list"):
+        load_config(None, ["task.rewards=accuracy"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="num_generations must be >= 2"):
+        load_config(None, ["grpo.num_generations=1"])
+    with pytest.raises(ConfigError, match="reward_weights has 1 entries"):
+        load_config(None, ["task.reward_weights=[1.0]"])
+
+
+def test_int_is_accepted_for_float_and_round_trips(tmp_path):
+    cfg = load_config(None, ["grpo.beta=0", "grpo.num_epochs=2"])
+    assert isinstance(cfg.grpo.beta, float) and cfg.grpo.num_epochs == 2.0
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["grpo.beta"])
+    assert parse_overrides(["a.b=[1, 2]", "c=x"]) == {"a": {"b": [1, 2]}, "c": "x"}
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_configs_are_shipped():
+    assert {"flowers102_4shot.yaml", "demo.yaml"} <= {p.name for p in CONFIGS}
