@@ -147,6 +147,20 @@ class OutputConfig:
 
 
 @dataclass
+class DemoConfig:
+    """The CPU demo's extra phases (used only by `visual-rft demo`)."""
+
+    seed: int = 0  # data split, tiny-model weights and k-shot sample
+    warmup_records: int = 3000  # digits for the supervised warm-up that teaches the answer format
+    pool_records: int = 1000  # digits the k-shot sample is drawn from
+    test_records: int = 1000  # held-out digits for base / SFT / RFT evaluation
+    k: int = 16  # examples per class for SFT and RFT
+    warmup_steps: int = 450  # warm-up SFT steps (recognition switches on between ~300 and ~500)
+    warmup_batch_size: int = 32
+    warmup_learning_rate: float = 1e-3
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -157,6 +171,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 # ----------------------------------------------------------------------------- building from dicts

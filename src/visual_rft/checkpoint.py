@@ -1,0 +1,106 @@
+"""Checkpoints written atomically: a checkpoint directory either exists complete or not at all.
+
+Layout of `checkpoint-N/`: `model/` (save_pretrained safetensors + processor, loadable like any
+checkpoint), `optimizer.pt`, `scheduler.pt`, `rng.pt`, `config.yaml`, `trainer_state.json`.
+State files are read back with `weights_only=True`, so a checkpoint cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visual_rft.config import Config, save_config
+
+_NAME = re.compile(r"checkpoint-(\d+)$")
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: Any, optimizer: Any,
+                    scheduler: Any, cfg: Config, extra: dict[str, Any] | None = None,
+                    keep: int = 2) -> Path:
+    """Write checkpoint-`step` via a temporary directory and an atomic rename; prune old ones."""
+    out_dir = Path(out_dir)
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    processor.save_pretrained(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    prune_checkpoints(out_dir, keep)
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are never listed)."""
+    found = []
+    for path in Path(out_dir).glob("checkpoint-*"):
+        match = _NAME.search(path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for path in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_training_state(ckpt: str | Path, *, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore optimiser, scheduler and RNG from `ckpt`; returns trainer_state.json."""
+    ckpt = Path(ckpt)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    return json.loads((ckpt / "trainer_state.json").read_text())

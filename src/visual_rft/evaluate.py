@@ -1,0 +1,95 @@
+"""Run a model over a split and score it with the task's own reward functions (the verifier the
+policy trained on), writing predictions.jsonl and metrics.json."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from visual_rft.config import Config
+from visual_rft.data.record import Record
+from visual_rft.models import vision_token_ids
+from visual_rft.rewards import resolve_rewards, task_module
+from visual_rft.rl.rollout import generate
+from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
+
+
+def predict(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """One completion per record, scored by every reward of the task and parsed by its parser."""
+    module = task_module(cfg.task.name)
+    rewards = resolve_rewards(cfg.task.name, list(module.REWARDS), cfg.task.mode)
+    suppress = vision_token_ids(processor)
+    rows: list[dict[str, Any]] = []
+    model.eval()
+    batches = range(0, len(records), cfg.eval.batch_size)
+    for start in tqdm(batches, desc="eval", disable=not progress):
+        batch = records[start:start + cfg.eval.batch_size]
+        inputs, _ = prompt_batch(batch, cfg, processor, device)
+        _, mask, texts = generate(model, processor.tokenizer, inputs, max_new_tokens=cfg.eval.max_new_tokens,
+                                  temperature=cfg.eval.temperature, suppress_ids=suppress)
+        columns: dict[str, list] = defaultdict(list)
+        for record in batch:
+            for key, value in record.columns().items():
+                columns[key].append(value)
+        scores = rewards.score(texts, dict(columns))
+        for i, (record, text) in enumerate(zip(batch, texts)):
+            parsed = module.parse_answer(text, mode=cfg.task.mode, **record.columns())
+            rows.append({"source": record.source, "solution": record.solution, "completion": text,
+                         "prediction": _jsonable(parsed), "parse_failed": parsed is None,
+                         "label": record.fields.get("label"), "completion_tokens": int(mask[i].sum()),
+                         **{name: scores[name][i] for name in rewards.names}})
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def summarize(rows: list[dict[str, Any]], reward_names: list[str]) -> dict[str, Any]:
+    """Mean of every reward component, parse-failure rate and, with labels, per-class accuracy."""
+    n = len(rows)
+    metrics: dict[str, Any] = {"num_samples": n}
+    for name in reward_names:
+        metrics[name] = sum(r[name] for r in rows) / n
+    if "format" in metrics:
+        metrics["format_rate"] = metrics.pop("format")
+    metrics["parse_failure_rate"] = sum(r["parse_failed"] for r in rows) / n
+    metrics["mean_completion_tokens"] = sum(r["completion_tokens"] for r in rows) / n
+    if "accuracy" in reward_names and any(r.get("label") is not None for r in rows):
+        per_class: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            per_class[str(r["label"])].append(r["accuracy"])
+        metrics["per_class_accuracy"] = {k: sum(v) / len(v) for k, v in sorted(per_class.items())}
+    return metrics
+
+
+def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
+                   out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    rows = predict(model, processor, records, cfg, device, progress)
+    metrics = summarize(rows, list(task_module(cfg.task.name).REWARDS))
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "predictions.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_eval(cfg: Config, model_path: str | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """`visual-rft eval`: model.name_or_path (or `model_path`) over data.eval."""
+    records = load_split(cfg, "eval")
+    accelerator = make_accelerator(cfg)
+    model, processor = load_policy(cfg, accelerator.device, model_path)
+    return evaluate_model(model, processor, records, cfg, accelerator.device, out_dir or cfg.output.dir,
+                          progress=cfg.output.progress)

@@ -1,0 +1,73 @@
+"""Optimiser, LR schedule and the deterministic data order shared by GRPO and SFT."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (all frozen?)")
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_ratio: float) -> Any:
+    return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def total_steps(num_records: int, per_step: int, num_epochs: float, max_steps: int) -> int:
+    """Optimiser steps for a run: `max_steps` when set, else enough steps to see the data num_epochs times."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(num_records * num_epochs / per_step))
+
+
+def step_indices(step: int, per_step: int, num_records: int, seed: int) -> list[int]:
+    """Record indices consumed by optimiser step `step`.
+
+    The order is an endless concatenation of per-epoch permutations seeded by (seed, epoch), so it
+    depends only on the step number: a resumed run sees exactly the data an uninterrupted one would.
+    """
+    perms: dict[int, list[int]] = {}
+    out = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, num_records)
+        if epoch not in perms:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perms[epoch] = torch.randperm(num_records, generator=generator).tolist()
+        out.append(perms[epoch][offset])
+    return out
+
+
+def shard(indices: list[int], micro_batch: int, rank: int, world: int) -> list[list[int]]:
+    """Split a step's indices into this rank's micro-batches: micro m of rank r is slot m*world + r."""
+    chunks = [indices[i:i + micro_batch] for i in range(0, len(indices), micro_batch)]
+    return [chunk for slot, chunk in enumerate(chunks) if slot % world == rank]
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  max_grad_norm: float, clip_fn: Any = None) -> float:
+    """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    clip = clip_fn or torch.nn.utils.clip_grad_norm_
+    norm = clip(params, limit)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

@@ -1,0 +1,91 @@
+"""Reward registry: config names -> reward functions, plus explicit `module:function` user code.
+
+Every reward has the TRL signature `f(completions, **columns) -> list[float | None]` (None = not
+applicable to that row). The task's `mode` (strict / visual_rft) is bound here, once, so the trainer
+and `eval` call the very same function objects and the metric cannot drift from the reward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
+
+RewardFn = Callable[..., list]
+
+TASK_MODULES = {
+    "classification": "visual_rft.tasks.classification",
+    "detection": "visual_rft.tasks.detection",
+    "grounding": "visual_rft.tasks.grounding",
+}
+
+
+def task_module(task: str) -> ModuleType:
+    if task not in TASK_MODULES:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_MODULES)}")
+    return importlib.import_module(TASK_MODULES[task])
+
+
+def _load_user_function(spec: str) -> RewardFn:
+    """Import `package.module:function` — the only way user code enters a run (never eval)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward '{spec}': cannot import {attr!r} from module {module_name!r}: {exc}") from exc
+    if not callable(fn):
+        raise ValueError(f"reward '{spec}' is not callable")
+    return fn
+
+
+def _bind_mode(fn: RewardFn, mode: str) -> RewardFn:
+    takes_mode = "mode" in inspect.signature(fn).parameters
+    if not takes_mode:
+        return fn
+
+    def bound(completions: list[str], **columns: Any) -> list:
+        return fn(completions, mode=mode, **columns)
+
+    bound.__name__ = getattr(fn, "__name__", "reward")
+    return bound
+
+
+@dataclass
+class RewardSet:
+    """The configured reward components of a run and their weights."""
+
+    names: list[str]
+    functions: list[RewardFn]
+    weights: list[float]
+
+    def score(self, completions: list[str], columns: dict[str, list]) -> dict[str, list[float]]:
+        """Score every component; None (not applicable) and non-finite values count as 0."""
+        scores = {}
+        for name, fn in zip(self.names, self.functions):
+            values = fn(completions, **columns)
+            if len(values) != len(completions):
+                raise ValueError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
+            scores[name] = [float(v) if v is not None and math.isfinite(v) else 0.0 for v in values]
+        return scores
+
+    def total(self, scores: dict[str, list[float]]) -> list[float]:
+        n = len(next(iter(scores.values())))
+        return [sum(w * scores[name][i] for name, w in zip(self.names, self.weights)) for i in range(n)]
+
+
+def resolve_rewards(task: str, names: list[str], mode: str, weights: list[float] | None = None) -> RewardSet:
+    """Look up each name in the task's registry (or import `module:function`); fail early on unknowns."""
+    registry: dict[str, RewardFn] = task_module(task).REWARDS
+    functions = []
+    for name in names:
+        if ":" in name:
+            functions.append(_bind_mode(_load_user_function(name), mode))
+        elif name in registry:
+            functions.append(_bind_mode(registry[name], mode))
+        else:
+            raise ValueError(f"unknown reward {name!r} for task {task!r}; known: {', '.join(registry)} "
+                             "(or give user code as module:function)")
+    return RewardSet(list(names), functions, list(weights) if weights else [1.0] * len(names))

@@ -1,0 +1,76 @@
+"""What every command sets up the same way: devices, records, the policy and its processor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from visual_rft.config import Config
+from visual_rft.data.loaders import load_records
+from visual_rft.data.record import Record
+from visual_rft.models import build_model_inputs, load_model_and_processor
+from visual_rft.tasks.prompts import build_prompt
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """CPU unless a GPU is there and wanted; under torchrun this also sets up DDP (gloo / NCCL)."""
+    want_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=want_cpu)
+
+
+def load_split(cfg: Config, which: str = "train") -> list[Record]:
+    path = cfg.data.train if which == "train" else cfg.data.eval
+    if not path:
+        raise ValueError(f"data.{which} is not set: give a dataset path (e.g. data.{which}=path/to/data.jsonl)")
+    records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit)
+    if not records:
+        raise ValueError(f"data.{which} ({path}) has no records")
+    return records
+
+
+def load_policy(cfg: Config, device: torch.device, path: str | Path | None = None) -> tuple[Any, Any]:
+    """The policy and processor from `path` (default: model.name_or_path), placed and configured."""
+    m = cfg.model
+    lora = None
+    if m.lora.enabled:
+        lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout, "target_modules": m.lora.target_modules}
+    model, processor = load_model_and_processor(
+        str(path or m.name_or_path), dtype=m.dtype, device=str(device), attn_implementation=m.attn_implementation,
+        freeze_vision=m.freeze_vision, lora=lora, gradient_checkpointing=m.gradient_checkpointing,
+    )
+    image_processor = getattr(processor, "image_processor", None)
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(m, key)
+        if value is not None and image_processor is not None:
+            setattr(image_processor, key, value)
+            if isinstance(getattr(image_processor, "size", None), dict):
+                image_processor.size[{"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}[key]] = value
+    return model, processor
+
+
+def record_image(record: Record, size: int | None) -> Image.Image:
+    image = record.load_image()
+    return image.resize((size, size), Image.BILINEAR) if size and image.size != (size, size) else image
+
+
+def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: torch.device,
+                 repeat: int = 1, max_prompt_length: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Model inputs for `records`, each repeated `repeat` times in a row (a GRPO group)."""
+    images, prompts = [], []
+    for record in records:
+        image, prompt = record_image(record, cfg.data.image_size), build_prompt(record, cfg.task)
+        images.extend([image] * repeat)
+        prompts.extend([prompt] * repeat)
+    inputs = build_model_inputs(processor, images, prompts, system=cfg.task.system_prompt)
+    length = inputs["input_ids"].size(1)
+    if max_prompt_length and length > max_prompt_length:
+        sources = ", ".join(r.source for r in records)
+        raise ValueError(
+            f"prompt of {length} tokens exceeds grpo.max_prompt_length={max_prompt_length} ({sources}); "
+            "raise the limit or lower model.max_pixels — cutting a prompt would cut its image tokens"
+        )
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, prompts

@@ -1,0 +1,87 @@
+"""The supervised baseline: teach `<think>{sft.think}</think><answer>label</answer>` on the same
+records, for the paper's SFT-vs-RFT comparison. It shares the trainer's data order, optimiser,
+checkpoint layout and scoring forward (completion_logprobs), so the two differ only in the loss."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from visual_rft.checkpoint import save_checkpoint
+from visual_rft.config import Config, save_config
+from visual_rft.data.record import Record
+from visual_rft.optim import clip_and_step, make_optimizer, make_scheduler, seed_everything, step_indices, total_steps
+from visual_rft.rl.loss import masked_mean
+from visual_rft.rl.rollout import completion_logprobs
+from visual_rft.runlog import PhaseTimer, RunLog
+from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
+
+_ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+
+
+def sft_target(record: Record, think: str) -> str:
+    """The assistant text to imitate: the configured reasoning, then the solution's answer block."""
+    match = _ANSWER.search(record.solution)
+    answer = match.group(0) if match else f"<answer>{record.solution.strip()}</answer>"
+    return f"<think>{think}</think>{answer}"
+
+
+def target_batch(texts: list[str], tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded target ids ending in EOS, and their mask."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = eos if isinstance(eos, int) and eos != tokenizer.unk_token_id else tokenizer.eos_token_id
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sft_loss(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (the prompt is context only)."""
+    inputs, _ = prompt_batch(records, cfg, processor, device)
+    ids, mask = target_batch([sft_target(r, cfg.sft.think) for r in records], processor.tokenizer, device)
+    return -masked_mean(completion_logprobs(model, inputs, ids, mask), mask)
+
+
+def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
+    """Fine-tune model.name_or_path on the training split; writes checkpoints to output.dir."""
+    s = cfg.sft
+    records = records if records is not None else load_split(cfg, "train")
+    accelerator = make_accelerator(cfg)
+    seed_everything(s.seed)
+    model, processor = load_policy(cfg, accelerator.device)
+    per_step = s.batch_size * s.grad_accum_steps
+    steps = total_steps(len(records), per_step, s.num_epochs, s.max_steps)
+    optimizer = make_optimizer(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+    scheduler = make_scheduler(optimizer, s.lr_scheduler, steps, s.warmup_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    log, timer = RunLog(out, tensorboard=cfg.output.tensorboard), PhaseTimer()
+    model.train()
+    for step in tqdm(range(steps), desc="sft", disable=not cfg.output.progress):
+        indices = step_indices(step, per_step, len(records), s.seed)
+        losses = []
+        with timer.phase("update"):
+            for start in range(0, per_step, s.batch_size):
+                batch = [records[i] for i in indices[start:start + s.batch_size]]
+                loss = sft_loss(model, processor, batch, cfg, accelerator.device)
+                accelerator.backward(loss / s.grad_accum_steps)
+                losses.append(loss.item())
+            grad_norm = clip_and_step(model, optimizer, scheduler, s.max_grad_norm, accelerator.clip_grad_norm_)
+        if (step + 1) % max(cfg.output.log_steps, 1) == 0 or step + 1 == steps:
+            log.metrics(step + 1, {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
+                                   "lr": scheduler.get_last_lr()[0], **timer.pop()})
+    save_checkpoint(out, steps, model=accelerator.unwrap_model(model), processor=processor, optimizer=optimizer,
+                    scheduler=scheduler, cfg=cfg, keep=cfg.output.save_total_limit, extra={"total_steps": steps})
+    log.close()
+    return out

@@ -1,0 +1,37 @@
+"""Shared fixtures: one tiny model and one small real-digit dataset per test session."""
+
+from pathlib import Path
+
+import pytest
+
+from visual_rft.config import load_config
+from visual_rft.data.embedded import mnist_records
+from visual_rft.data.fewshot import sample_k_shot, write_split
+from visual_rft.models import build_tiny_model
+
+DEMO_CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_jsonl(tmp_path_factory) -> Path:
+    """20 real digits (2 per class) written as a reusable split."""
+    records = sample_k_shot(mnist_records(limit=200, size=56), 2, seed=0)
+    return write_split(records, tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture
+def small_cfg(tiny_model_dir, digits_jsonl, tmp_path):
+    """The demo config shrunk to seconds: 2 prompts x G=4, 8 new tokens."""
+    def make(*overrides: str):
+        return load_config(DEMO_CONFIG, [
+            f"model.name_or_path={tiny_model_dir}", f"data.train={digits_jsonl}", f"data.eval={digits_jsonl}",
+            f"output.dir={tmp_path / 'run'}", "output.progress=false", "grpo.num_generations=4",
+            "grpo.per_device_batch_size=2", "grpo.max_completion_length=8", "grpo.max_steps=2",
+            "eval.max_new_tokens=8", "eval.batch_size=10", *overrides,
+        ])
+    return make
