@@ -1,0 +1,293 @@
+"""Loading the policy, the reference model and the processor; dtype policy; LoRA; prompt rendering.
+
+One loader serves every checkpoint: the embedded tiny model (tiny_model.py) and Qwen/Qwen2-VL-2B-Instruct
+go through the same `load_model_and_processor`, so whatever the tests check on the tiny model holds for
+the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLProcessor,
+)
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from visual_rft.tiny_model import build_tiny_model  # noqa: F401  (public API lives here too)
+
+__all__ = [
+    "ImageOnlyQwen2VLProcessor",
+    "ImageOnlyQwen2_5_VLProcessor",
+    "VISION_TOKENS",
+    "build_model_inputs",
+    "build_tiny_model",
+    "chat_text",
+    "find_vision_tower",
+    "load_model_and_processor",
+    "load_processor",
+    "load_reference_model",
+    "processor_class_for",
+    "resolve_dtype",
+    "vision_token_ids",
+]
+
+# Placeholder / delimiter tokens that only the processor may place: a sampled <|image_pad|> makes the
+# next forward fail with "Image features and image tokens do not match", so generation suppresses them.
+VISION_TOKENS = (
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<image>", "<video>", "<|image|>", "<|video|>",
+)
+
+
+def _init_image_only(self, image_processor, tokenizer, chat_template) -> None:
+    # Mirrors Qwen2VLProcessor.__init__ minus the video slot: transformers 5.x builds the video
+    # processor with torchvision, which does not run beside the CPU torch used here.
+    self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+    self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+    self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+    self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+    ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without a video processor (images + text only); needs no torchvision."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # kwargs may carry a saved "video_processor" entry from a real checkpoint: images only, so dropped.
+        _init_image_only(self, image_processor, tokenizer, chat_template)
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without a video processor (images + text only); needs no torchvision."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        _init_image_only(self, image_processor, tokenizer, chat_template)
+
+
+_IMAGE_ONLY_PROCESSORS = {
+    "qwen2_vl": ImageOnlyQwen2VLProcessor,
+    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+}
+# Without registration AutoProcessor cannot resolve the class name saved in processor_config.json and
+# silently falls back to returning only the tokenizer.
+AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
+AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor, exist_ok=True)
+
+
+def processor_class_for(model_type: str) -> type[ProcessorMixin] | None:
+    """The image-only processor class for a config.model_type, or None (use AutoProcessor)."""
+    return _IMAGE_ONLY_PROCESSORS.get(model_type)
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are ~170x slower than fp32 here)."""
+    key = str(name).lower()
+    if key == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid values: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _resolve_source(name_or_path: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, is it local); raise for a path that cannot be a checkpoint."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"model path {str(path)!r} is a file; expected a checkpoint directory")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model directory {str(path)!r} has no config.json (expected a save_pretrained checkpoint)"
+            )
+        return str(path), True
+    if name_or_path.startswith((".", "~", os.sep)) or ".." in name_or_path or not _HUB_ID.match(name_or_path):
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    return name_or_path, False
+
+
+def _load_config(name_or_path: str):
+    source, is_local = _resolve_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as err:
+        if is_local:
+            raise
+        raise OSError(
+            f"could not load {name_or_path!r} from the Hugging Face Hub ({err}). Without network access, "
+            "download the checkpoint elsewhere and pass its local directory."
+        ) from err
+
+
+def load_processor(name_or_path: str, config=None) -> ProcessorMixin:
+    """The image-text processor, left padding, with a pad token (generation needs both)."""
+    config = config if config is not None else _load_config(name_or_path)
+    # Qwen checkpoints name the stock processor class, whose video slot needs torchvision: load
+    # them with the image-only subclass on every machine (one code path; videos are never used).
+    cls = processor_class_for(config.model_type) or AutoProcessor
+    processor = cls.from_pretrained(_resolve_source(name_or_path)[0])
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            f"{name_or_path!r} gave a {type(processor).__name__}, not an image-text processor: the "
+            "checkpoint needs an image processor config (preprocessor_config.json or processor_config.json)"
+        )
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return processor
+
+
+def find_vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The vision encoder, found by the attribute names transformers' VLMs use."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for owner in (base, getattr(base, "model", None)):
+        for name in ("visual", "vision_tower", "vision_model", "vision_encoder"):
+            tower = getattr(owner, name, None) if owner is not None else None
+            if isinstance(tower, torch.nn.Module):
+                return tower
+    return None
+
+
+_LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
+
+
+def _apply_lora(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    unknown = set(lora) - _LORA_KEYS
+    if unknown:
+        raise ValueError(f"unknown lora keys {sorted(unknown)}; valid: {sorted(_LORA_KEYS)}")
+    wanted = set(lora.get("target_modules") or ("q_proj", "k_proj", "v_proj", "o_proj"))
+    tower = find_vision_tower(model)
+    in_tower = {id(m) for m in tower.modules()} if tower is not None else set()
+    # Full module names, so a target like "proj" can never reach into the vision tower.
+    targets = [name for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] in wanted and id(module) not in in_tower]
+    if not targets:
+        raise ValueError(f"lora target_modules {sorted(wanted)} match no language-model module")
+    config = LoraConfig(
+        r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets, bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def _load_model(name_or_path: str, dtype: str, device, attn_implementation: str | None):
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(_resolve_source(name_or_path)[0], **kwargs)
+    return model.to(device)
+
+
+def load_model_and_processor(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: torch.device | str = "cpu",
+    attn_implementation: str | None = None,
+    freeze_vision: bool = False,
+    lora: dict | None = None,
+    gradient_checkpointing: bool = False,
+) -> tuple[torch.nn.Module, ProcessorMixin]:
+    """The trainable policy (train mode) and its processor, from a local directory or a hub id."""
+    config = _load_config(str(name_or_path))
+    processor = load_processor(str(name_or_path), config)
+    model = _load_model(str(name_or_path), dtype, device, attn_implementation)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    if freeze_vision:
+        tower = find_vision_tower(model)
+        if tower is None:
+            raise ValueError(f"freeze_vision: no vision tower found in {type(model).__name__}")
+        tower.requires_grad_(False)
+    if gradient_checkpointing:
+        # transformers 5.24 renamed the API (the old name warns); earlier 5.x only has the old one.
+        # Non-reentrant checkpointing needs no input-requires-grad hook, so it also works under LoRA.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model = _apply_lora(model, lora)
+    model.train()
+    return model, processor
+
+
+def load_reference_model(
+    name_or_path: str, *, dtype: str = "auto", device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """A frozen copy for the KL term: eval mode (no dropout), no parameter requires grad."""
+    model = _load_model(str(name_or_path), dtype, device, attn_implementation=None)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def vision_token_ids(processor) -> list[int]:
+    """Ids of the vision placeholder tokens this tokenizer has; pass as `suppress_tokens` to generate."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocab = tokenizer.get_vocab()
+    names = set(VISION_TOKENS)
+    names.update(t for t in (getattr(processor, "image_token", None), getattr(processor, "video_token", None)) if t)
+    return sorted({vocab[name] for name in names if name in vocab})
+
+
+def _messages(prompt: str, *, system: str | None, image: bool) -> list[dict]:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def chat_text(
+    processor, prompt: str, answer: str | None = None, *, system: str | None = None, image: bool = True
+) -> str:
+    """One user turn (image, then text) + the assistant header; with `answer`, the answer and its end.
+
+    The answer is appended to the generation prompt rather than rendered by the template, so the
+    prompt part is byte-identical to what generation sees (SFT masks exactly those tokens).
+    """
+    text = processor.apply_chat_template(
+        _messages(prompt, system=system, image=image), add_generation_prompt=True, tokenize=False
+    )
+    if answer is None:
+        return text
+    tokenizer = getattr(processor, "tokenizer", processor)
+    end = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return text + answer + end
+
+
+def build_model_inputs(
+    processor, images: list, prompts: list[str], *, system: str | None = None
+) -> BatchFeature:
+    """Left-padded model inputs for one image + one prompt per row (input_ids, attention_mask,
+    pixel_values, image_grid_thw and, for Qwen2-VL, mm_token_type_ids for M-RoPE)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; need one image per prompt")
+    texts = [chat_text(processor, prompt, system=system) for prompt in prompts]
+    return processor(
+        images=list(images), text=texts, padding=True, padding_side="left", return_tensors="pt"
+    )

@@ -1,0 +1,261 @@
+"""models.py + tiny_model.py: the tiny checkpoint, the loader every checkpoint goes through, the processor."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from visual_rft import models
+from visual_rft.models import (
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen2VLProcessor,
+    build_model_inputs,
+    build_tiny_model,
+    chat_text,
+    find_vision_tower,
+    load_model_and_processor,
+    load_reference_model,
+    resolve_dtype,
+    vision_token_ids,
+)
+from visual_rft.tiny_model import FORMAT_TOKENS, QWEN2VL_SPECIAL_TOKENS, make_tiny_model
+
+PROMPTS = ["What digit is shown in the image?", "Which handwritten digit is this? Answer with a single digit."]
+VISION_NAMES = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _images(n: int, size: int = 56) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return load_model_and_processor(str(tiny_dir))
+
+
+def test_build_is_byte_deterministic_per_seed(tmp_path, tiny_dir):
+    same = build_tiny_model(tmp_path / "same", seed=0)
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    weights = (tiny_dir / "model.safetensors").read_bytes()
+    assert (same / "model.safetensors").read_bytes() == weights
+    assert (other / "model.safetensors").read_bytes() != weights
+    # The tokenizer is trained, not seeded: identical for every seed, and deterministic.
+    assert (same / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
+    assert (other / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
+
+
+def test_tiny_model_vocabulary_and_config(tiny_dir, loaded):
+    model, processor = loaded
+    tok = processor.tokenizer
+    vocab = tok.get_vocab()
+    assert len(tok) == 512 == model.config.text_config.vocab_size
+    specials = [vocab[t] for t in QWEN2VL_SPECIAL_TOKENS]
+    assert specials == list(range(specials[0], specials[0] + 14))  # contiguous, in the real model's order
+    assert set(QWEN2VL_SPECIAL_TOKENS) <= set(tok.all_special_tokens)
+    # The format tags are single ordinary tokens: they survive skip_special_tokens.
+    answer = "<think>I see one handwritten digit.</think><answer>7</answer>"
+    ids = tok(answer + "<|im_end|>").input_ids
+    assert [tok.convert_ids_to_tokens(i) for i in ids if i in [vocab[t] for t in FORMAT_TOKENS]] == list(FORMAT_TOKENS)
+    assert len(ids) == 12  # the demo's answer is short: 4 tags + 6 words/punct + the digit + <|im_end|>
+    assert tok.decode(ids, skip_special_tokens=True) == answer
+    assert model.config.text_config.eos_token_id == vocab["<|im_end|>"]
+    assert model.config.text_config.pad_token_id == vocab["<|endoftext|>"] == tok.pad_token_id
+    assert model.config.image_token_id == vocab["<|image_pad|>"]
+    gen = json.loads((tiny_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
+    assert 500_000 < sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
+def test_autoprocessor_gives_image_processor_and_left_padded_inputs(tiny_dir):
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    assert isinstance(processor, ImageOnlyQwen2VLProcessor)
+    processor.tokenizer.padding_side = "right"  # build_model_inputs must pad left regardless
+    batch = build_model_inputs(processor, _images(2), ["hi", PROMPTS[1]])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (ids == image_pad).sum(dim=1).tolist() == [4, 4]  # 56x56 -> 4x4 patches -> 4 merged tokens
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+    assert tuple(batch["pixel_values"].shape) == (32, 3 * 2 * 14 * 14)
+    assert mask[0, 0] == 0 and mask[1].all() and mask[:, -1].all()  # the short row is padded on the left
+    assert (ids[0][mask[0] == 0] == processor.tokenizer.pad_token_id).all()
+    assert torch.equal(batch["mm_token_type_ids"].bool(), ids == image_pad)
+    # Both rows end with the same generation prompt, so new tokens continue right after it.
+    tail = processor.tokenizer("<|im_start|>assistant\n").input_ids
+    assert ids[:, -len(tail):].tolist() == [tail, tail]
+
+
+def test_loaded_logits_equal_in_memory_model(loaded):
+    mem_model, mem_processor = make_tiny_model(seed=0)
+    model, processor = loaded
+    inputs = build_model_inputs(processor, _images(2), PROMPTS)
+    mem_inputs = build_model_inputs(mem_processor, _images(2), PROMPTS)
+    assert torch.equal(inputs["input_ids"], mem_inputs["input_ids"])
+    assert torch.equal(inputs["pixel_values"], mem_inputs["pixel_values"])
+    with torch.no_grad():
+        a = model.eval()(**inputs).logits
+        b = mem_model(**mem_inputs).logits
+    model.train()
+    assert a.shape == (2, inputs["input_ids"].shape[1], 512)
+    assert torch.equal(a, b)
+
+
+def test_forward_requires_mm_token_type_ids(loaded):
+    # Documents the transformers 5.x requirement the trainer relies on (STACK.md).
+    model, processor = loaded
+    inputs = dict(build_model_inputs(processor, _images(1), PROMPTS[:1]))
+    inputs.pop("mm_token_type_ids")
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        model(**inputs)
+
+
+def test_suppressed_generation_never_emits_vision_tokens(loaded):
+    model, processor = loaded
+    suppress = vision_token_ids(processor)
+    vocab = processor.tokenizer.get_vocab()
+    assert suppress == sorted(vocab[t] for t in VISION_NAMES)
+    inputs = build_model_inputs(processor, _images(8), PROMPTS * 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.eval().generate(
+            **inputs, do_sample=True, temperature=1.5, top_k=0, max_new_tokens=32, min_new_tokens=32,
+            suppress_tokens=suppress,
+        )
+    model.train()
+    new = out[:, inputs["input_ids"].shape[1]:]
+    assert new.shape == (8, 32)
+    assert not torch.isin(new, torch.tensor(suppress)).any()
+    assert len(set(new.flatten().tolist())) > 50  # really sampled at high temperature, not a stuck loop
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16
+    assert resolve_dtype("auto", "cuda") is torch.bfloat16
+    for names, dtype in ((("float32", "fp32"), torch.float32), (("bfloat16", "BF16"), torch.bfloat16),
+                         (("float16", "fp16"), torch.float16)):
+        assert all(resolve_dtype(n, "cpu") is dtype for n in names)
+    with pytest.raises(ValueError, match="float32.*bfloat16.*float16"):
+        resolve_dtype("float64", "cpu")
+
+
+def test_bad_paths_give_clear_errors(tmp_path, monkeypatch):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        load_model_and_processor(missing)
+    with pytest.raises(FileNotFoundError, match=r"\./nope/model"):
+        load_model_and_processor("./nope/model")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model_and_processor(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        load_reference_model(missing, dtype="auto", device="cpu")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="weights.bin"):
+        load_model_and_processor(str(tmp_path / "weights.bin"))
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    # A hub id is passed through to transformers; offline, the error names the id and the way out.
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(OSError, match=r"Qwen/Qwen2-VL-2B-Instruct.*local directory"):
+        load_model_and_processor("Qwen/Qwen2-VL-2B-Instruct")
+
+
+def test_freeze_vision(tiny_dir):
+    model, _ = load_model_and_processor(str(tiny_dir), freeze_vision=True)
+    tower = find_vision_tower(model)
+    assert tower is model.model.visual
+    tower_ids = {id(p) for p in tower.parameters()}
+    assert tower_ids and not any(p.requires_grad for p in tower.parameters())
+    text = [p for p in model.parameters() if id(p) not in tower_ids]
+    assert text and all(p.requires_grad for p in text)
+    assert model.training
+
+
+def test_lora_trains_only_adapters_outside_the_vision_tower(tiny_dir):
+    model, _ = load_model_and_processor(str(tiny_dir), lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 4 * 2  # A and B x (q, k, v, o) x 2 layers
+    assert all(".language_model." in n for n in trainable)
+    tower = find_vision_tower(model)
+    assert not any("lora" in n for n, _ in tower.named_modules())
+    assert not any(p.requires_grad for p in tower.parameters())
+    with pytest.raises(ValueError, match="rank"):
+        load_model_and_processor(str(tiny_dir), lora={"rank": 4})
+
+
+def test_reference_model_is_frozen_copy(tiny_dir, loaded):
+    ref = load_reference_model(str(tiny_dir), dtype="auto", device="cpu")
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    model, processor = loaded
+    inputs = build_model_inputs(processor, _images(1), PROMPTS[:1])
+    with torch.no_grad():
+        assert torch.equal(ref(**inputs).logits, model.eval()(**inputs).logits)
+    model.train()
+
+
+def test_chat_text_prompt_is_token_prefix_of_sft_text(loaded):
+    _, processor = loaded
+    prompt = chat_text(processor, PROMPTS[0], system="Answer briefly.")
+    full = chat_text(processor, PROMPTS[0], "<think>ok</think><answer>3</answer>", system="Answer briefly.")
+    assert prompt.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n"
+                             "<|vision_start|><|image_pad|><|vision_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert full == prompt + "<think>ok</think><answer>3</answer><|im_end|>"
+    tok = processor.tokenizer
+    p_ids, f_ids = tok(prompt).input_ids, tok(full).input_ids
+    assert f_ids[: len(p_ids)] == p_ids  # SFT can mask the prompt by its token count
+
+
+def test_real_checkpoint_layout_loads_through_the_same_path(tmp_path):
+    # Qwen/Qwen2.5-VL-*-Instruct ship preprocessor_config.json naming the stock processor (whose video
+    # slot needs torchvision) and chat_template.json; recreate that layout from a tiny Qwen2.5-VL.
+    d = build_tiny_model(tmp_path / "q25", arch="qwen2_5_vl")
+    saved = json.loads((d / "processor_config.json").read_text())
+    os.remove(d / "processor_config.json")
+    image = saved["image_processor"]
+    size = image.pop("size")
+    image.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"],
+                 processor_class="Qwen2_5_VLProcessor")
+    (d / "preprocessor_config.json").write_text(json.dumps(image))
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": (d / "chat_template.jinja").read_text()}))
+    os.remove(d / "chat_template.jinja")
+
+    model, processor = load_model_and_processor(str(d))
+    assert isinstance(processor, ImageOnlyQwen2_5_VLProcessor)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    inputs = build_model_inputs(processor, _images(2), PROMPTS)
+    assert (inputs["input_ids"] == processor.image_token_id).sum().item() == 8
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == len(processor.tokenizer)
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4}], ids=["full", "lora"])
+def test_gradient_checkpointing_still_backpropagates(tiny_dir, lora):
+    model, processor = load_model_and_processor(str(tiny_dir), gradient_checkpointing=True, lora=lora)
+    base = model.get_base_model() if lora else model
+    assert base.model.language_model.gradient_checkpointing
+    inputs = build_model_inputs(processor, _images(1), PROMPTS[:1])
+    model(**inputs).logits.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_mismatched_images_and_prompts(loaded):
+    with pytest.raises(ValueError, match="one image per prompt"):
+        build_model_inputs(loaded[1], _images(1), PROMPTS)
