@@ -160,7 +160,7 @@ def _image_value(row: dict, source: str) -> Any:
 
 
 def _resolve_image(value: Any, source: str, base: Path) -> Image.Image | Path:
-    """A path that exists, or a lazily decoded PIL image (only the header is read here)."""
+    """A readable image path, or a lazily decoded PIL image (only the header is read here)."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):  # HF image feature: {"bytes": ..., "path": ...}
@@ -178,6 +178,11 @@ def _resolve_image(value: Any, source: str, base: Path) -> Image.Image | Path:
         path = base / path
     if not path.is_file():
         raise DataError(f"{source}: image file not found: {path}")
+    try:  # the header only: a truncated or non-image file fails here, not at step 900
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{source}: {path} is not a readable image: {exc}") from exc
     return path
 
 
