@@ -155,7 +155,7 @@ class DemoConfig:
     pool_records: int = 1000  # digits the k-shot sample is drawn from
     test_records: int = 1000  # held-out digits for base / SFT / RFT evaluation
     k: int = 16  # examples per class for SFT and RFT
-    warmup_steps: int = 450  # warm-up SFT steps (recognition switches on between ~300 and ~500)
+    warmup_steps: int = 300  # warm-up SFT steps (on the demo's digits: 250 -> ~53%, 300 -> ~62%, 450 -> ~85% held-out)
     warmup_batch_size: int = 32
     warmup_learning_rate: float = 1e-3
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from visual_rft.data.loaders import jsonl_rows
 from visual_rft.rewards import resolve_rewards, task_module
 
 
@@ -15,20 +16,13 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            for key in ("completion", "solution"):
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{number}: missing string field '{key}'")
-            rows.append(row)
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for key in ("completion", "solution"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"{where}: missing string field '{key}'")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

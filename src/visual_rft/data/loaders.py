@@ -67,7 +67,7 @@ def _dispatch(
             raise DataError(f"{target}: '::{split}' selects a split of a directory, not of a file")
         suffix = target.suffix.lower()
         if suffix == ".jsonl":
-            return _rows_to_records(_jsonl_rows(target), root or target.parent, task, limit)
+            return _rows_to_records(jsonl_rows(target), root or target.parent, task, limit)
         if suffix == ".json":
             return _rows_to_records(_json_rows(target), root or target.parent, task, limit)
         if suffix == ".parquet":
@@ -196,7 +196,7 @@ def _open_bytes(data: bytes, source: str) -> Image.Image:
 # ---- JSON / JSONL ------------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: Path) -> Iterable[tuple[str, Any]]:
+def jsonl_rows(path: Path) -> Iterable[tuple[str, Any]]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
