@@ -104,6 +104,7 @@ class GRPOConfig:
     top_k: int = 0  # 0 = off
     max_prompt_length: int = 1024  # prompts longer than this are an error (images must not be cut)
     max_completion_length: int = 256  # new tokens per completion
+    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
     seed: int = 42
 
 
@@ -121,6 +122,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_ratio: float = 0.0
+    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
     seed: int = 42
 
 
@@ -304,6 +306,7 @@ def validate(cfg: Config) -> None:
         "grpo.max_completion_length": g.max_completion_length, "grpo.max_prompt_length": g.max_prompt_length,
         "sft.batch_size": cfg.sft.batch_size, "sft.grad_accum_steps": cfg.sft.grad_accum_steps,
         "eval.batch_size": cfg.eval.batch_size, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "grpo.max_nonfinite_steps": g.max_nonfinite_steps, "sft.max_nonfinite_steps": cfg.sft.max_nonfinite_steps,
     }
     for key, value in positive.items():
         if value < 1:

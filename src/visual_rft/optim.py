@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -61,13 +62,40 @@ def shard(indices: list[int], micro_batch: int, rank: int, world: int) -> list[l
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                  max_grad_norm: float, clip_fn: Any = None) -> float:
-    """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
+                  max_grad_norm: float, clip_fn: Any = None) -> tuple[float, bool]:
+    """Clip, step, schedule, zero; returns (pre-clip gradient norm, whether the step was taken).
+
+    A non-finite gradient norm (a NaN/inf loss or gradient anywhere) skips the step entirely —
+    optimiser and scheduler untouched — so no NaN can ever reach the weights.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     clip = clip_fn or torch.nn.utils.clip_grad_norm_
-    norm = clip(params, limit)
-    optimizer.step()
-    scheduler.step()
+    norm = float(clip(params, limit))
+    finite = math.isfinite(norm)
+    if finite:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm, finite
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped steps and stops the run with a clear message after `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.consecutive, self.total = limit, 0, 0
+
+    def record(self, step: int, stepped: bool) -> None:
+        if stepped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        warnings.warn(f"step {step}: non-finite loss or gradient, update skipped "
+                      f"({self.consecutive} in a row, limit {self.limit})", RuntimeWarning, stacklevel=2)
+        if self.consecutive >= self.limit:
+            raise FloatingPointError(
+                f"{self.consecutive} consecutive steps with a non-finite loss or gradient (last: step {step}); "
+                "stopping before anything is saved. Lower the learning rate, check the data, or use fp32."
+            )

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from visual_rft.checkpoint import save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record
-from visual_rft.optim import clip_and_step, make_optimizer, make_scheduler, seed_everything, step_indices, total_steps
+from visual_rft.optim import NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, step_indices, total_steps
 from visual_rft.rl.loss import masked_mean
 from visual_rft.rl.rollout import completion_logprobs
 from visual_rft.runlog import PhaseTimer, RunLog
@@ -67,6 +67,7 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log, timer = RunLog(out, tensorboard=cfg.output.tensorboard), PhaseTimer()
+    guard = NonFiniteGuard(s.max_nonfinite_steps)
     model.train()
     for step in tqdm(range(steps), desc="sft", disable=not cfg.output.progress):
         indices = step_indices(step, per_step, len(records), s.seed)
@@ -77,10 +78,13 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
                 loss = sft_loss(model, processor, batch, cfg, accelerator.device)
                 accelerator.backward(loss / s.grad_accum_steps)
                 losses.append(loss.item())
-            grad_norm = clip_and_step(model, optimizer, scheduler, s.max_grad_norm, accelerator.clip_grad_norm_)
+            grad_norm, stepped = clip_and_step(model, optimizer, scheduler, s.max_grad_norm,
+                                               accelerator.clip_grad_norm_)
+        guard.record(step + 1, stepped)
         if (step + 1) % max(cfg.output.log_steps, 1) == 0 or step + 1 == steps:
             log.metrics(step + 1, {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
-                                   "lr": scheduler.get_last_lr()[0], **timer.pop()})
+                                   "lr": scheduler.get_last_lr()[0],
+                                   "skipped_steps_total": guard.total, **timer.pop()})
     save_checkpoint(out, steps, model=accelerator.unwrap_model(model), processor=processor, optimizer=optimizer,
                     scheduler=scheduler, cfg=cfg, keep=cfg.output.save_total_limit, extra={"total_steps": steps})
     log.close()

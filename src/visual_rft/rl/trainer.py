@@ -15,7 +15,7 @@ from visual_rft.checkpoint import latest_checkpoint, load_training_state, save_c
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record
 from visual_rft.models import load_reference_model, vision_token_ids
-from visual_rft.optim import (clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
+from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               step_indices, total_steps)
 from visual_rft.rewards import RewardSet, resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages, group_reward_std
@@ -57,6 +57,7 @@ class GRPOTrainer:
         if ckpt is not None:
             self.log.truncate_after(self.start_step)
         self.timer = PhaseTimer()
+        self.guard = NonFiniteGuard(self.g.max_nonfinite_steps)
 
     @property
     def policy(self) -> Any:
@@ -130,9 +131,9 @@ class GRPOTrainer:
             losses.append(loss.item())
             stats.append(s)
         clip = self.accelerator.clip_grad_norm_
-        grad_norm = clip_and_step(self.model, self.optimizer, self.scheduler, self.g.max_grad_norm, clip)
+        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.scheduler, self.g.max_grad_norm, clip)
         merged = {k: statistics.fmean(s[k] for s in stats) for k in stats[0]}
-        return {"loss": statistics.fmean(losses), "grad_norm": grad_norm, **merged}
+        return {"loss": statistics.fmean(losses), "grad_norm": grad_norm, "stepped": stepped, **merged}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Path:
@@ -159,6 +160,8 @@ class GRPOTrainer:
                         self.old_policy(r)
             with self.timer.phase("update"):
                 updates = [self.update(rollouts) for _ in range(self.g.num_iterations)]
+            for update in updates:
+                self.guard.record(step + 1, update.pop("stepped"))
             metrics = self._metrics(rollouts, updates)
             self._log(step + 1, metrics, rollouts)
             bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
@@ -199,6 +202,7 @@ class GRPOTrainer:
         out["completion_length"] = torch.cat([r.completion_mask.sum(1) for r in rollouts]).float().mean().item()
         out.update({k: v for k, v in updates[-1].items()})
         out["lr"] = self.scheduler.get_last_lr()[0]
+        out["skipped_steps_total"] = self.guard.total
         out.update(self.timer.pop())
         return out
 
