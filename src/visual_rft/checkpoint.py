@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fault_point(where: str, step: int) -> None:
+    """Fault injection for the kill-and-resume tests: VISUAL_RFT_FAULT=checkpoint:N kills this
+    process with SIGKILL in the middle of writing checkpoint N (model written, state not yet)."""
+    if os.environ.get("VISUAL_RFT_FAULT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
@@ -66,6 +74,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     save_config(cfg, tmp / "config.yaml")
+    _fault_point("checkpoint", step)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     _fsync_tree(tmp)
     if final.exists():

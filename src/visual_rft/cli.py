@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--label-key", default="label")
 
+    p = sub.add_parser("report", help="self-contained HTML report of training / eval / demo runs")
+    p.add_argument("runs", nargs="+", help="run directories (several: compared side by side)")
+    p.add_argument("--out", help="HTML file (default: RUNS[0]/report.html)")
+
     p = sub.add_parser("demo", help="tiny model + real digits: base vs SFT vs Visual-RFT")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=None, help="demo config (default: the packaged configs/demo.yaml values)")
@@ -84,6 +88,9 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "data":
         from visual_rft.data.fewshot import fewshot_command
         return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key)
+    if args.command == "report":
+        from visual_rft.report import report_command
+        return report_command(args.runs, args.out)
     if args.command == "demo":
         from visual_rft.demo import run_demo
         return run_demo(args.out, config_path=args.config, overrides=args.overrides)

@@ -21,6 +21,7 @@ from visual_rft.data.fewshot import sample_k_shot, split_records, write_split
 from visual_rft.data.record import Record
 from visual_rft.evaluate import evaluate_model
 from visual_rft.models import build_tiny_model
+from visual_rft.report import write_report
 from visual_rft.rewards import resolve_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl
@@ -103,8 +104,10 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: str | Path | None =
     plot_path = plot_demo(out)
     summary["plot"] = str(plot_path)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
+    report = write_report([out])  # the report recognises a demo by its results.json
     print(format_table(summary))
-    return {"results": str(out / "results.json"), "plot": str(plot_path)}
+    print(f"report: {report}")
+    return {"results": str(out / "results.json"), "plot": str(plot_path), "report": str(report)}
 
 
 def _summary(cfg: Config, results: dict[str, dict[str, Any]], timings: dict[str, float], out: Path) -> dict[str, Any]:

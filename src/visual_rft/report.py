@@ -1,0 +1,330 @@
+"""`visual-rft report RUN [RUN ...]`: one self-contained static HTML page per set of runs.
+
+A run directory is a training run (metrics.jsonl, rollouts.jsonl, config.yaml), an eval output
+(predictions.jsonl, metrics.json) or a demo (results.json with base/, sft/, rft/ and eval/).
+The page shows each run's resolved config, its curves, a bounded gallery of sampled rollouts
+(image, prompt, the G completions with their per-component rewards and advantage, boxes drawn for
+detection/grounding), eval tables (confusion matrix, per-category AP, examples) and, for several
+runs, base vs SFT vs RFT side by side. Files are streamed; see report_read for the bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from visual_rft.report_html import (CompletionView, bar_table, confusion_table, details, esc, group_html, img,
+                                    note, page, section, sub, table)
+from visual_rft.report_images import PALETTE, ImageFinder, infer_task, read_boxes, render_image
+from visual_rft.report_plots import bars_png, group_curves, group_panels, overlay_panels, panels_png
+from visual_rft.report_read import (NO_ANSWER, PREDICTION_KEYS, ROLLOUT_KEYS, Series, confusion_matrix, is_correct,
+                                    is_number, iter_jsonl, read_curves, read_predictions, reward_keys,
+                                    sample_rollouts)
+
+DEMO_PHASES = {"base": "base (supervised warm-up)", "sft": "SFT", "rft": "Visual-RFT (GRPO)"}
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    kind: str  # "train" or "eval"
+    task: dict[str, Any] = field(default_factory=dict)  # the config's `task` section, when known
+
+    @property
+    def anchor(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.kind}-{self.name}")
+
+
+def _config_text(path: Path) -> str | None:
+    """config.yaml of the run, else that of its newest checkpoint."""
+    candidates = [path / "config.yaml"]
+    candidates += sorted(path.glob("checkpoint-*/config.yaml"),
+                         key=lambda p: int(m.group(1)) if (m := re.search(r"(\d+)$", p.parent.name)) else -1,
+                         reverse=True)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def _task_of(config_text: str | None) -> dict[str, Any]:
+    import yaml
+
+    try:
+        task = (yaml.safe_load(config_text or "") or {}).get("task", {})
+    except (yaml.YAMLError, AttributeError):
+        return {}
+    return task if isinstance(task, dict) else {}
+
+
+def _entries(path: Path, name: str, task: dict[str, Any]) -> list[Run]:
+    runs = []
+    if (path / "metrics.jsonl").is_file() or (path / "rollouts.jsonl").is_file():
+        runs.append(Run(name, path, "train", _task_of(_config_text(path)) or task))
+    if (path / "predictions.jsonl").is_file() or (path / "metrics.json").is_file():
+        runs.append(Run(name, path, "eval", task))
+    return runs
+
+
+def discover(run_dirs: Sequence[str | Path]) -> tuple[list[Run], list[Path]]:
+    """The training and eval runs to show, with demos expanded into their phases, and the demos."""
+    runs: list[Run] = []
+    demos: list[Path] = []
+    for raw in run_dirs:
+        path = Path(raw)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such run directory")
+        if (path / "results.json").is_file():
+            demos.append(path)
+            task = _task_of(_config_text(path / "rft"))
+            found = [r for phase in DEMO_PHASES for r in _entries(path / phase, phase, task)]
+            found += [r for phase in DEMO_PHASES for r in _entries(path / "eval" / phase, phase, task)]
+        else:
+            found = _entries(path, path.name or str(path), {})
+        if not found:
+            raise ValueError(f"{path}: not a run directory (no metrics.jsonl, rollouts.jsonl, predictions.jsonl, "
+                             "metrics.json or results.json)")
+        runs += found
+    _dedupe_names(runs)
+    return runs, demos
+
+
+def _dedupe_names(runs: list[Run]) -> None:
+    """Two runs called `run` (a/run, b/run) are shown as a/run and b/run."""
+    for kind in ("train", "eval"):
+        same = [r for r in runs if r.kind == kind]
+        if len({r.name for r in same}) < len(same):
+            for r in same:
+                r.name = f"{r.path.parent.name}/{r.path.name}"
+
+
+# ---------------------------------------------------------------- sections
+
+@dataclass
+class Context:
+    finder: ImageFinder
+    curves: dict[str, dict[str, Series]] = field(default_factory=dict)  # run anchor -> key -> series
+
+
+def _mode(run: Run) -> str:
+    return run.task.get("mode") if run.task.get("mode") in ("strict", "visual_rft") else "strict"
+
+
+def train_section(run: Run, ctx: Context, budget: int) -> str:
+    parts = []
+    config = _config_text(run.path)
+    parts.append(details("resolved config (config.yaml)", config) if config else note("no config.yaml found"))
+    curves = ctx.curves.get(run.anchor, {})
+    groups = group_curves(list(curves))
+    for group, keys in groups.items():
+        parts.append(sub(group, img(panels_png(group_panels(group, curves, keys)), f"curve: {group}")))
+    if not groups:
+        parts.append(note("no metrics.jsonl rows with numeric values"))
+    if (run.path / "rollouts.jsonl").is_file():
+        parts.append(gallery(run, ctx, budget))
+    return section(run.anchor, f"training: {run.name}", "".join(parts))
+
+
+def gallery(run: Run, ctx: Context, budget: int) -> str:
+    groups, total = sample_rollouts(run.path / "rollouts.jsonl", budget)
+    found = ctx.finder.find_many(g.rows[0].get("source") for g in groups if g.rows)
+    cards = []
+    for group in groups:
+        if not group.rows:
+            continue
+        first = group.rows[0]
+        hit = found.get(str(first.get("source")))
+        task = infer_task(first.get("solution"), run.task.get("name"))
+        views, preds, boxes = [], [], None
+        names = list(dict.fromkeys(k for row in group.rows for k in reward_keys(row, ROLLOUT_KEYS)))
+        for i, row in enumerate(group.rows):
+            failed, boxes_i = _failure(task, _mode(run), row, hit.row if hit else {})
+            color = PALETTE[i % len(PALETTE)] if boxes_i is not None else None
+            boxes = boxes or boxes_i
+            preds.append(boxes_i.pred if boxes_i else None)
+            views.append(CompletionView(row.get("completion"), row, failed, color))
+        uri = render_image(hit.path if hit else None, boxes, [v.color for v in views], preds)
+        more = f" (+{group.truncated} more completions not shown)" if group.truncated else ""
+        meta = f"step {group.step} · {len(group.rows)} completions{more} · source {first.get('source')}"
+        cards.append(group_html(meta, uri, first.get("prompt"), first.get("solution"), views,
+                                [*names, "advantage"], step=group.step))
+    head = note(f"{len(cards)} of {total} logged rollout groups, spread from the first logged step to the last. "
+                "Red rows: the answer did not parse or scored format 0. Boxes: green = ground truth, "
+                "other colours = the completion with that swatch.")
+    return sub("sampled rollouts", head + "".join(cards))
+
+
+def _failure(task: str, mode: str, row: dict[str, Any], data_row: dict[str, Any]) -> tuple[str, Any]:
+    """Why a completion is highlighted ("" if it is not), and its boxes for detection/grounding."""
+    boxes = read_boxes(task, mode, row.get("completion"), row.get("solution"), data_row)
+    if row.get("parse_failed") is True or (boxes is not None and boxes.pred is None):
+        return "parse failure", boxes
+    if task == "classification" and "parse_failed" not in row:
+        from visual_rft.tasks.classification import parse_answer
+
+        if parse_answer(str(row.get("completion") or ""), mode=mode) is None:
+            return "parse failure", boxes
+    if row.get("format") == 0:
+        return "format 0", boxes
+    return "", boxes
+
+
+def eval_section(run: Run, ctx: Context) -> str:
+    parts = []
+    metrics = _metrics_json(run.path)
+    scalars = [(k, v) for k, v in metrics.items() if is_number(v)]
+    if scalars:
+        parts.append(sub("metrics", table(["metric", "value"], scalars)))
+    for key, title in (("per_category_ap", "per-category AP"), ("per_class_accuracy", "per-class accuracy")):
+        if isinstance(metrics.get(key), dict) and metrics[key]:
+            parts.append(sub(title, bar_table(["category" if "ap" in key else "class", key], metrics[key])))
+    preds = run.path / "predictions.jsonl"
+    if preds.is_file():
+        parts.append(_predictions_html(run, ctx, preds))
+    return section(run.anchor, f"eval: {run.name}", "".join(parts) or note("empty eval directory"))
+
+
+def _predictions_html(run: Run, ctx: Context, path: Path) -> str:
+    first = _first_row(path)
+    task = infer_task(first.get("solution"), run.task.get("name"))
+    tally = read_predictions(path, task)
+    parts = []
+    if task == "classification" and tally.counts:
+        rows, cols, counts = confusion_matrix(tally)
+        shown = f" (the {len(rows)} most frequent labels)" if len(tally.labels) > len(rows) else ""
+        parts.append(sub("confusion matrix", note(f"{tally.rows} predictions{shown}; {NO_ANSWER} = no parseable "
+                                                  "answer") + confusion_table(rows, cols, counts)))
+    examples = tally.correct + tally.wrong
+    found = ctx.finder.find_many(r.get("source") for r in examples)
+    cards = []
+    for row in examples:
+        hit = found.get(str(row.get("source")))
+        failed, boxes = _failure(task, _mode(run), row, hit.row if hit else {})
+        color = PALETTE[0] if boxes is not None else None
+        uri = render_image(hit.path if hit else None, boxes, [color], [boxes.pred if boxes else None])
+        verdict = "correct" if is_correct(row) else "wrong"
+        names = ["label", "prediction", *reward_keys(row, PREDICTION_KEYS), "completion_tokens"]
+        view = CompletionView(row.get("completion"), {**row, "prediction": _short(row.get("prediction"))},
+                              failed, color)
+        cards.append(group_html(f"{verdict} · source {row.get('source')}", uri, None, row.get("solution"),
+                                [view], [n for n in names if n in row], extra=_verdict_badge(verdict)))
+    if cards:
+        parts.append(sub("example predictions", "".join(cards)))
+    return "".join(parts)
+
+
+def _verdict_badge(verdict: str) -> str:
+    return f'<span class="badge{" ok" if verdict == "correct" else ""}">{esc(verdict)}</span>'
+
+
+def _short(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int, float)) else json.dumps(value)[:500]
+
+
+def _first_row(path: Path) -> dict[str, Any]:
+    rows = iter_jsonl(path)
+    try:
+        return next(rows, {})
+    finally:
+        rows.close()
+
+
+def _metrics_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def comparison_section(runs: Sequence[Run], ctx: Context) -> str:
+    """Several runs: their held-out metrics side by side, and curves of runs of the same kind
+    overlaid (SFT losses with SFT losses, GRPO rewards with GRPO rewards: an SFT loss and a
+    policy-gradient loss are different quantities)."""
+    parts = []
+    evals = [r for r in runs if r.kind == "eval"]
+    if len(evals) >= 2:
+        metrics = {r.name: _metrics_json(r.path) for r in evals}
+        keys = list(dict.fromkeys(k for m in metrics.values() for k, v in m.items() if is_number(v)))
+        rows = [[k, *(m.get(k) for m in metrics.values())] for k in keys]
+        parts.append(sub("held-out metrics", table(["metric", *metrics], rows, cls="comparison")))
+        headline = next((k for k in ("accuracy", "map", "mAP", "giou", "iou") if k in keys), None)
+        if headline:
+            values = [m.get(headline) if is_number(m.get(headline)) else 0.0 for m in metrics.values()]
+            parts.append(img(bars_png(f"held-out {headline}", list(metrics), values), f"comparison: {headline}"))
+    trains = [r for r in runs if r.kind == "train" and ctx.curves.get(r.anchor)]
+    for flavour in ("GRPO", "SFT"):
+        same = {r.name: ctx.curves[r.anchor] for r in trains if _flavour(ctx.curves[r.anchor]) == flavour}
+        shared = [k for k in dict.fromkeys(k for c in same.values() for k in c)
+                  if sum(k in c for c in same.values()) >= 2]
+        for group, keys in group_curves(shared).items():
+            png = panels_png(overlay_panels(same, keys))
+            parts.append(sub(f"{flavour} runs overlaid: {group}", img(png, f"overlay: {group}")))
+    if not parts:
+        return ""
+    names = {r.name for r in runs}
+    title = "base vs SFT vs RFT" if set(DEMO_PHASES) <= names else "comparison"
+    return section("comparison", title, "".join(parts), cls="run comparison")
+
+
+def _flavour(curves: dict[str, Series]) -> str:
+    return "GRPO" if any(k.startswith("reward/") for k in curves) else "SFT"
+
+
+def demo_section(path: Path) -> str:
+    try:
+        results = json.loads((path / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return section("demo", f"demo: {path}", note("results.json is unreadable"))
+    models = results.get("models", {}) if isinstance(results, dict) else {}
+    rows = [[DEMO_PHASES.get(name, name), m.get("accuracy"), m.get("format_rate"), m.get("parse_failure_rate")]
+            for name, m in models.items() if isinstance(m, dict)]
+    parts = [table(["model", "held-out accuracy", "format rate", "parse failure rate"], rows, cls="demo-results")]
+    settings = {k: results.get(k) for k in ("test_records", "k_shot", "kshot_records", "seed") if k in results}
+    if settings:
+        parts.append(table(list(settings), [list(settings.values())]))
+    if isinstance(results.get("seconds"), dict):
+        parts.append(sub("seconds per phase", table(list(results["seconds"]), [list(results["seconds"].values())])))
+    return section("demo", f"demo: {path.name or path}", "".join(parts))
+
+
+def _budgets(n: int, total: int) -> list[int]:
+    """`total` rollout groups shared over `n` runs (earlier runs take the remainder)."""
+    return [total // n + (1 if i < total % n else 0) for i in range(n)] if n else []
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, max_rollouts: int = 24) -> Path:
+    """Write one self-contained HTML report of `run_dirs` to `out` (default RUN_DIRS[0]/report.html)."""
+    if not run_dirs:
+        raise ValueError("report: give at least one run directory")
+    runs, demos = discover(run_dirs)
+    roots = list(dict.fromkeys(p for r in runs for p in (r.path, r.path.parent, r.path.parent.parent)))
+    ctx = Context(ImageFinder(roots))
+    for run in runs:
+        if run.kind == "train" and (run.path / "metrics.jsonl").is_file():
+            ctx.curves[run.anchor] = read_curves(run.path / "metrics.jsonl")
+    with_rollouts = [r for r in runs if r.kind == "train" and (r.path / "rollouts.jsonl").is_file()]
+    budget = dict(zip((r.anchor for r in with_rollouts), _budgets(len(with_rollouts), max(0, max_rollouts))))
+    comparison = comparison_section(runs, ctx)
+    body = [demo_section(d) for d in demos] + [comparison]
+    for run in runs:
+        body.append(train_section(run, ctx, budget.get(run.anchor, 0)) if run.kind == "train"
+                    else eval_section(run, ctx))
+    nav = [("demo", "demo")] * bool(demos) + [("comparison", "comparison")] * bool(comparison)
+    nav += [(r.anchor, f"{r.kind}: {r.name}") for r in runs]
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    subtitle = f"{', '.join(str(Path(d)) for d in run_dirs)} · generated {stamp}"
+    target = Path(out) if out is not None else Path(run_dirs[0]) / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page("visual-rft report", subtitle, nav, "".join(body)), encoding="utf-8")
+    return target
+
+
+def report_command(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, str]:
+    """`visual-rft report RUN_A [RUN_B ...] [--out FILE]`."""
+    return {"report": str(write_report(run_dirs, out))}

@@ -1,0 +1,225 @@
+"""Images for the run report: find a record's image from its `source`, read the boxes of a
+detection/grounding answer and its solution, draw them on the image and embed it as a PNG data URI.
+
+Everything here degrades to "no image" / "no boxes" instead of raising: a report of a broken or
+moved run should still show the text and the curves."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from PIL import Image, ImageDraw
+
+from visual_rft.tasks.boxes import Box, BoxSpace, from_space
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+PALETTE = ["#1f77b4", "#ff7f0e", "#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+           "#7f7f7f", "#aec7e8"]
+GT_COLOR = "#2ca02c"
+DISPLAY_MIN, DISPLAY_MAX = 192, 384  # digits are 56 px: scale up so boxes and strokes are visible
+_JSONL_ROW = re.compile(r"^(.*\.jsonl):(\d+)$")
+_GROUNDING_BOX = re.compile(r"\(\s*\d+\s*,\s*\d+\s*\)\s*,\s*\(\s*\d+\s*,\s*\d+\s*\)")
+_BAD_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass
+class Found:
+    path: Path | None = None
+    row: dict[str, Any] = field(default_factory=dict)  # the data row (box_space, image_size, ...)
+
+
+class ImageFinder:
+    """Resolves sources to image files: an image path, `FILE.jsonl:LINE` (the row's `image`,
+    relative to the file), or a source listed in a split's manifest.json (the demo's digits come
+    from a packaged array, and data/<split>/ holds their PNGs)."""
+
+    def __init__(self, roots: Sequence[Path]) -> None:
+        self.roots = [Path(r) for r in roots]
+        self._manifest: dict[str, tuple[Path, int]] | None = None
+        self.cache: dict[str, Found] = {}
+
+    def find_many(self, sources: Iterable[Any]) -> dict[str, Found]:
+        wanted: dict[Path, dict[int, list[str]]] = {}
+        for source in {str(s) for s in sources if s is not None} - set(self.cache):
+            self.cache[source] = Found()
+            target = self._locate(source)
+            if isinstance(target, Path):
+                self.cache[source] = Found(target)
+            elif target is not None:
+                wanted.setdefault(target[0], {}).setdefault(target[1], []).append(source)
+        for path, lines in wanted.items():
+            for number, row in _rows_at(path, set(lines)):
+                image = _image_path(row.get("image"), path.parent)
+                for source in lines[number]:
+                    self.cache[source] = Found(image, row)
+        return self.cache
+
+    def _locate(self, source: str) -> Path | tuple[Path, int] | None:
+        direct = self._file(source)
+        if direct is not None and direct.suffix.lower() in IMAGE_SUFFIXES:
+            return direct
+        match = _JSONL_ROW.match(source)
+        if match and self._file(match.group(1)) is not None:
+            return self._file(match.group(1)), int(match.group(2))
+        return self.manifest().get(source)
+
+    def _file(self, name: str) -> Path | None:
+        path = Path(name)
+        for candidate in [path] if path.is_absolute() else [path, *(r / path for r in self.roots)]:
+            try:
+                if candidate.is_file():
+                    return candidate
+            except (OSError, ValueError):  # a hostile or overlong "source" is just not a file
+                continue
+        return None
+
+    def manifest(self) -> dict[str, tuple[Path, int]]:
+        """source -> (data.jsonl, line) from every data/<split>/manifest.json under the roots."""
+        if self._manifest is None:
+            self._manifest = {}
+            for root in self.roots:
+                for manifest in sorted(root.glob("data/*/manifest.json")):
+                    try:
+                        sources = json.loads(manifest.read_text(encoding="utf-8")).get("sources", [])
+                    except (OSError, ValueError, AttributeError):
+                        continue
+                    for line, source in enumerate(sources, start=1):  # write_split: one row per line
+                        self._manifest.setdefault(str(source), (manifest.parent / "data.jsonl", line))
+        return self._manifest
+
+
+def _rows_at(path: Path, numbers: set[int]) -> Iterable[tuple[int, dict[str, Any]]]:
+    """The rows at the given 1-based line numbers, read in one streaming pass."""
+    last = max(numbers)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, start=1):
+                if number in numbers:
+                    try:
+                        row = json.loads(line)
+                    except (ValueError, RecursionError):
+                        continue
+                    if isinstance(row, dict):
+                        yield number, row
+                if number >= last:
+                    return
+    except OSError:
+        return
+
+
+def _image_path(value: Any, base: Path) -> Path | None:
+    if isinstance(value, dict):  # HF image feature {"bytes", "path"}: only the path is usable here
+        value = value.get("path")
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value) if Path(value).is_absolute() else base / value
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------- boxes
+
+def infer_task(solution: Any, configured: str | None = None) -> str:
+    """The run's configured task, else a guess from the solution's layout."""
+    if configured in ("classification", "detection", "grounding"):
+        return configured
+    text = str(solution or "")
+    if "Position" in text or "no objects" in text.casefold():
+        return "detection"
+    return "grounding" if _GROUNDING_BOX.search(text) else "classification"
+
+
+@dataclass
+class Boxes:
+    """Boxes in the space they were written in, and that space (sizes come from the data row)."""
+
+    gt: list[Box]
+    pred: list[Box] | None  # None: the answer did not parse
+    space: BoxSpace = BoxSpace.QWEN2VL
+    declared_size: tuple[float, float] | None = None
+
+
+def read_boxes(task: str, mode: str, completion: Any, solution: Any, row: dict[str, Any]) -> Boxes | None:
+    """Ground-truth and predicted boxes of a detection/grounding answer; None for other tasks."""
+    if task not in ("detection", "grounding"):
+        return None
+    from visual_rft.tasks import detection, grounding
+
+    text, sol = str(completion or ""), str(solution or "")
+    try:  # a malformed solution raises ValueError in the parsers: show the text without boxes
+        if task == "grounding":
+            pred = grounding.parse_answer(text, mode=mode)
+            return Boxes([grounding.parse_solution(sol)], None if pred is None else [pred])
+        space = BoxSpace.parse(row.get("box_space") or BoxSpace.QWEN2VL)
+        size = row.get("image_size")
+        parsed = detection.parse_answer(text, mode=mode, box_space=space, image_size=size)
+        pred_boxes = None if parsed is None else [b for b, _ in parsed]
+        declared = tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+        return Boxes(detection.parse_solution(sol), pred_boxes, space, declared)
+    except (ValueError, TypeError, RecursionError, OverflowError):
+        return None
+
+
+def to_pixels(box: Sequence[Any], boxes: Boxes, width: int, height: int) -> Box | None:
+    """A box in pixels of the image on disk; None when it is not 4 finite numbers."""
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        return None
+    if boxes.space is BoxSpace.PIXELS and boxes.declared_size and min(boxes.declared_size) > 0:
+        # pixel boxes refer to the image the model saw; the file on disk may be larger or smaller
+        sx, sy = width / boxes.declared_size[0], height / boxes.declared_size[1]
+        return values[0] * sx, values[1] * sy, values[2] * sx, values[3] * sy
+    return from_space(values, width, height, boxes.space)
+
+
+# ---------------------------------------------------------------- drawing
+
+def png_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_image(path: Path | None, boxes: Boxes | None = None, pred_colors: Sequence[str] = (),
+                 preds: Sequence[Sequence[Box] | None] = ()) -> str | None:
+    """A data URI of the image at display size with the ground truth (green, thick) and each
+    completion's predicted boxes (its palette colour) drawn on it; None if it cannot be read."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("RGB")
+    except _BAD_IMAGE:
+        return None
+    width, height = img.size
+    scale = min(DISPLAY_MAX / max(width, height), max(1.0, DISPLAY_MIN / max(width, height)))
+    shown = img.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                       Image.NEAREST if scale > 1 else Image.LANCZOS)
+    if boxes is not None:
+        draw = ImageDraw.Draw(shown)
+        for color, pred in zip(pred_colors, preds):
+            for box in pred or []:
+                _rectangle(draw, to_pixels(box, boxes, width, height), scale, color, 2, shown.size)
+        for box in boxes.gt:
+            _rectangle(draw, to_pixels(box, boxes, width, height), scale, GT_COLOR, 3, shown.size)
+    return png_uri(shown)
+
+
+def _rectangle(draw: ImageDraw.ImageDraw, box: Box | None, scale: float, color: str, width: int,
+               size: tuple[int, int]) -> None:
+    if box is None:
+        return
+    # inverted or far out-of-range boxes (visual_rft mode keeps them) are clamped so PIL can draw them
+    xs = sorted(min(max(v * scale, 0), size[0] - 1) for v in (box[0], box[2]))
+    ys = sorted(min(max(v * scale, 0), size[1] - 1) for v in (box[1], box[3]))
+    draw.rectangle((xs[0], ys[0], xs[1], ys[1]), outline=color, width=width)
