@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from visual_rft.config import ConfigError, load_config
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"visual-rft {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    if result is not None:
+    if result is not None and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
         print(json.dumps(result, indent=2, default=str))
     return 0
 

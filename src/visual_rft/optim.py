@@ -55,6 +55,11 @@ def step_indices(step: int, per_step: int, num_records: int, seed: int) -> list[
     return out
 
 
+def slot_seed(seed: int, step: int, slot: int) -> int:
+    """A seed for one micro-batch slot of one step, independent of process count and resume point."""
+    return (seed * 1_000_003 + step * 10_007 + slot) % (2**63 - 1)
+
+
 def shard(indices: list[int], micro_batch: int, rank: int, world: int) -> list[list[int]]:
     """Split a step's indices into this rank's micro-batches: micro m of rank r is slot m*world + r."""
     chunks = [indices[i:i + micro_batch] for i in range(0, len(indices), micro_batch)]

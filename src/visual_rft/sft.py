@@ -4,6 +4,7 @@ checkpoint layout and scoring forward (completion_logprobs), so the two differ o
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from tqdm.auto import tqdm
 from visual_rft.checkpoint import save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record
-from visual_rft.optim import NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, step_indices, total_steps
+from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
+                              step_indices, total_steps)
 from visual_rft.rl.loss import masked_mean
 from visual_rft.rl.rollout import completion_logprobs
 from visual_rft.runlog import PhaseTimer, RunLog
@@ -58,7 +60,8 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     accelerator = make_accelerator(cfg)
     seed_everything(s.seed)
     model, processor = load_policy(cfg, accelerator.device)
-    per_step = s.batch_size * s.grad_accum_steps
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_step = s.batch_size * s.grad_accum_steps * world
     steps = total_steps(len(records), per_step, s.num_epochs, s.max_steps)
     optimizer = make_optimizer(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
     scheduler = make_scheduler(optimizer, s.lr_scheduler, steps, s.warmup_ratio)
@@ -66,17 +69,20 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    log, timer = RunLog(out, tensorboard=cfg.output.tensorboard), PhaseTimer()
+    log = RunLog(out, tensorboard=cfg.output.tensorboard, enabled=accelerator.is_main_process)
+    timer = PhaseTimer()
     guard = NonFiniteGuard(s.max_nonfinite_steps)
     model.train()
     for step in tqdm(range(steps), desc="sft", disable=not cfg.output.progress):
         indices = step_indices(step, per_step, len(records), s.seed)
         losses = []
+        micro = shard(indices, s.batch_size, rank, world)
         with timer.phase("update"):
-            for start in range(0, per_step, s.batch_size):
-                batch = [records[i] for i in indices[start:start + s.batch_size]]
-                loss = sft_loss(model, processor, batch, cfg, accelerator.device)
-                accelerator.backward(loss / s.grad_accum_steps)
+            for m, chunk in enumerate(micro):
+                sync = m == len(micro) - 1  # DDP all-reduces gradients once per step, on the last micro-batch
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss = sft_loss(model, processor, [records[i] for i in chunk], cfg, accelerator.device)
+                    accelerator.backward(loss / len(micro))
                 losses.append(loss.item())
             grad_norm, stepped = clip_and_step(model, optimizer, scheduler, s.max_grad_norm,
                                                accelerator.clip_grad_norm_)
@@ -85,7 +91,10 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
             log.metrics(step + 1, {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
                                    "lr": scheduler.get_last_lr()[0],
                                    "skipped_steps_total": guard.total, **timer.pop()})
-    save_checkpoint(out, steps, model=accelerator.unwrap_model(model), processor=processor, optimizer=optimizer,
-                    scheduler=scheduler, cfg=cfg, keep=cfg.output.save_total_limit, extra={"total_steps": steps})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(out, steps, model=accelerator.unwrap_model(model), processor=processor, optimizer=optimizer,
+                        scheduler=scheduler, cfg=cfg, keep=cfg.output.save_total_limit, extra={"total_steps": steps})
+    accelerator.wait_for_everyone()
     log.close()
     return out

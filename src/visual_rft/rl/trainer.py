@@ -16,7 +16,7 @@ from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record
 from visual_rft.models import load_reference_model, vision_token_ids
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
-                              step_indices, total_steps)
+                              slot_seed, step_indices, total_steps)
 from visual_rft.rewards import RewardSet, resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages, group_reward_std
 from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean
@@ -146,7 +146,13 @@ class GRPOTrainer:
                           self.accelerator.num_processes)
             self.model.eval()
             with self.timer.phase("rollout"):
-                rollouts = [self.sample([self.records[i] for i in m]) for m in micro]
+                rollouts = []
+                for m, batch in enumerate(micro):
+                    # Sampling is seeded per (step, global micro-batch slot), so the completions do not
+                    # depend on how many processes share the step, nor on where a run was resumed.
+                    slot = m * self.accelerator.num_processes + self.accelerator.process_index
+                    torch.manual_seed(slot_seed(self.g.seed, step, slot))
+                    rollouts.append(self.sample([self.records[i] for i in batch]))
             with self.timer.phase("reward"):
                 for r in rollouts:
                     self.score(r)
@@ -188,19 +194,27 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
 
     def _metrics(self, rollouts: list[Rollout], updates: list[dict[str, float]]) -> dict[str, float]:
-        rewards = torch.cat([r.rewards for r in rollouts])
-        out: dict[str, float] = {"reward/total_mean": rewards.mean().item(),
-                                 "reward/group_std": torch.stack([group_reward_std(r.rewards, self.g.num_generations)
-                                                                  for r in rollouts]).mean().item()}
-        for name in self.rewards.names:
-            values = torch.tensor([v for r in rollouts for v in r.scores[name]])
+        """Per-sample statistics gathered from every process, so the log describes the global batch."""
+        names = self.rewards.names
+        rows = []
+        for r in rollouts:
+            failed = [self.parse(t, mode=self.cfg.task.mode, **rec.columns()) is None
+                      for t, rec in zip(r.completions, r.records)]
+            rows.append(torch.stack([r.rewards, r.completion_mask.sum(1).float().cpu(), torch.tensor(failed).float(),
+                                     *[torch.tensor(r.scores[n]) for n in names]], dim=1))
+        table = self.accelerator.gather(torch.cat(rows).to(self.accelerator.device)).cpu()
+        total = table[:, 0]
+        out: dict[str, float] = {"reward/total_mean": total.mean().item(),
+                                 "reward/group_std": group_reward_std(total, self.g.num_generations).item()}
+        for i, name in enumerate(names):
+            values = table[:, 3 + i]
             out[f"reward/{name}_mean"] = values.mean().item()
             out[f"reward/{name}_std"] = values.std().item() if values.numel() > 1 else 0.0
-        failures = [self.parse(text, mode=self.cfg.task.mode, **rec.columns()) is None
-                    for r in rollouts for text, rec in zip(r.completions, r.records)]
-        out["parse_failure_rate"] = sum(failures) / len(failures)
-        out["completion_length"] = torch.cat([r.completion_mask.sum(1) for r in rollouts]).float().mean().item()
-        out.update({k: v for k, v in updates[-1].items()})
+        out["parse_failure_rate"] = table[:, 2].mean().item()
+        out["completion_length"] = table[:, 1].mean().item()
+        last = updates[-1]
+        reduced = self.accelerator.reduce(torch.tensor(list(last.values()), device=self.accelerator.device), "mean")
+        out.update(dict(zip(last, reduced.tolist())))  # averaged over processes, like the gradients
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["skipped_steps_total"] = self.guard.total
         out.update(self.timer.pop())
