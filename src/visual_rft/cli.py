@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, required=True)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--label-key", default="label")
+    q = data_sub.add_parser("check", help="check every record of the configured splits (exit 1 if any is bad)")
+    _config_args(q)
 
     p = sub.add_parser("report", help="self-contained HTML report of training / eval / demo runs")
     p.add_argument("runs", nargs="+", help="run directories (several: compared side by side)")
@@ -86,6 +88,10 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "tiny-model":
         from visual_rft.models import build_tiny_model
         return {"model": str(build_tiny_model(args.dir, seed=args.seed))}
+    if args.command == "data" and args.data_command == "check":
+        from visual_rft.runtime import check_data
+        path, overrides = _split_config(args)
+        return check_data(load_config(path, overrides))
     if args.command == "data":
         from visual_rft.data.fewshot import fewshot_command
         return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key)
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result is not None and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
         print(json.dumps(result, indent=2, default=str))
+    if args.command == "data" and args.data_command == "check":
+        return 1 if any(split["bad"] for split in result.values()) else 0
     return 0
 
 

@@ -58,6 +58,9 @@ class DataConfig:
     image_root: Optional[str] = None  # base folder for relative image paths
     image_size: Optional[int] = None  # resize images to this square size (None = keep)
     limit: Optional[int] = None  # use only the first N records of each split
+    check: bool = True  # decode every image and parse every solution before a run starts
+    on_bad_record: Literal["fail", "skip"] = "fail"  # a bad record stops the run, or is skipped and counted
+    max_image_pixels: int = 64_000_000  # larger images are bad records (never decoded)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from visual_rft.config import Config
+from visual_rft.data.check import check_records, checked
 from visual_rft.data.loaders import load_records
 from visual_rft.data.record import Record
 from visual_rft.models import build_model_inputs, load_model_and_processor
@@ -29,7 +30,26 @@ def load_split(cfg: Config, which: str = "train") -> list[Record]:
     records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit)
     if not records:
         raise ValueError(f"data.{which} ({path}) has no records")
+    if cfg.data.check:
+        records = checked(records, cfg.task.name, cfg.data.on_bad_record, f"data.{which} ({path})",
+                          max_pixels=cfg.data.max_image_pixels)
     return records
+
+
+def check_data(cfg: Config) -> dict[str, Any]:
+    """`visual-rft data check`: every configured split, checked in full (the policy is not applied)."""
+    out: dict[str, Any] = {}
+    for which in ("train", "eval"):
+        path = getattr(cfg.data, which)
+        if not path:
+            continue
+        records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit)
+        report = check_records(records, cfg.task.name, max_pixels=cfg.data.max_image_pixels)
+        out[which] = {"path": path, "records": report.total, "bad": report.bad, "image_modes": report.modes,
+                      "problems": [f"{source}: {reason}" for source, reason in report.problems]}
+    if not out:
+        raise ValueError("nothing to check: set data.train and/or data.eval")
+    return out
 
 
 def load_policy(cfg: Config, device: torch.device, path: str | Path | None = None) -> tuple[Any, Any]:
