@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visual_rft.config import Config
-from visual_rft.data.record import Record
+from visual_rft.data.record import Record, columns_of
 from visual_rft.models import vision_token_ids
 from visual_rft.rewards import resolve_rewards, task_module
 from visual_rft.rl.rollout import generate
@@ -33,11 +33,7 @@ def predict(model: Any, processor: Any, records: list[Record], cfg: Config, devi
         inputs, _ = prompt_batch(batch, cfg, processor, device)
         _, mask, texts = generate(model, processor.tokenizer, inputs, max_new_tokens=cfg.eval.max_new_tokens,
                                   temperature=cfg.eval.temperature, suppress_ids=suppress)
-        columns: dict[str, list] = defaultdict(list)
-        for record in batch:
-            for key, value in record.columns().items():
-                columns[key].append(value)
-        scores = rewards.score(texts, dict(columns))
+        scores = rewards.score(texts, columns_of(batch))
         for i, (record, text) in enumerate(zip(batch, texts)):
             parsed = module.parse_answer(text, mode=cfg.task.mode, **record.columns())
             rows.append({"source": record.source, "solution": record.solution, "completion": text,
@@ -73,10 +69,23 @@ def summarize(rows: list[dict[str, Any]], reward_names: list[str]) -> dict[str, 
     return metrics
 
 
+def task_metrics(rows: list[dict[str, Any]], records: list[Record], cfg: Config) -> dict[str, Any]:
+    """Box metrics: COCO mAP / AP50 / AP75 / per-category (+ LVIS and open-vocabulary groups) for
+    detection, mIoU / gIoU / cIoU for grounding; nothing extra for classification."""
+    if cfg.task.name == "detection":
+        from visual_rft.det_eval import detection_metrics, has_detection_fields
+        return detection_metrics(rows, records, mode=cfg.task.mode) if has_detection_fields(records) else {}
+    if cfg.task.name == "grounding":
+        from visual_rft.det_eval import grounding_metrics
+        return grounding_metrics(rows, records, mode=cfg.task.mode)
+    return {}
+
+
 def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     rows = predict(model, processor, records, cfg, device, progress)
     metrics = summarize(rows, list(task_module(cfg.task.name).REWARDS))
+    metrics.update(task_metrics(rows, records, cfg))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

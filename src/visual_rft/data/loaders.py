@@ -36,8 +36,9 @@ def load_records(
     """Load records from `path`, choosing the reader by what `path` is.
 
     `path` may be a `.json` list or `.jsonl` file, a `save_to_disk` directory (Dataset or
-    DatasetDict), a `.parquet` file or a directory of them, an ImageFolder directory, or
-    `embedded:mnist`. Append `::split` to pick a split of a directory (default "train").
+    DatasetDict), a `.parquet` file or a directory of them, an ImageFolder directory,
+    `embedded:mnist` / `embedded:trees`, or a detection source `coco:PATH?...`, `lvis:PATH?...`,
+    `lisa:PATH?...` (see data/coco.py for the options). Append `::split` to pick a split of a directory (default "train").
     Relative image paths resolve against `image_root`, else the data file's folder.
     `limit` keeps the first `limit` rows (in file order).
     """
@@ -46,6 +47,13 @@ def load_records(
     text = str(path)
     if text.startswith("embedded:"):
         return _load_embedded(text, limit)
+    if text.startswith(("coco:", "lvis:", "lisa:")):
+        from visual_rft.data.coco import load_detection_source
+
+        records = load_detection_source(text, image_root=image_root, limit=limit)
+        if not records:
+            raise DataError(f"no records in {path}")
+        return records
     split = None
     if "::" in text:
         text, split = text.rsplit("::", 1)
@@ -90,8 +98,12 @@ def _dispatch(
 
 def _load_embedded(text: str, limit: int | None) -> list[Record]:
     name = text.split(":", 1)[1]
+    if name.split("::")[0].split("?")[0] == "trees":
+        from visual_rft.data.trees import trees_from_spec
+
+        return trees_from_spec(name, limit=limit)
     if name != "mnist":
-        raise DataError(f"{text}: unknown embedded dataset (available: embedded:mnist)")
+        raise DataError(f"{text}: unknown embedded dataset (available: embedded:mnist, embedded:trees)")
     from visual_rft.data.embedded import mnist_records
 
     return mnist_records(limit=limit)

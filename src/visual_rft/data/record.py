@@ -60,3 +60,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
             pixels = pixels / 257.0 + 0.5
         img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     return img.convert("RGB")
+
+
+def columns_of(records: list[Record]) -> dict[str, list[Any]]:
+    """Reward columns for a batch: one list per key, aligned with `records` (None where a record lacks it)."""
+    rows = [r.columns() for r in records]
+    keys = sorted({k for row in rows for k in row})
+    return {k: [row.get(k) for row in rows] for k in keys}

@@ -1,7 +1,7 @@
 """Sampling G completions per prompt and scoring their tokens under a model.
 
 A rollout holds everything later phases need, so nothing is recomputed between phases: the prompt
-tensors (already repeated G times), the completion tokens and mask, the decoded text.
+tensors (once per group and repeated G times), the completion tokens and mask, the decoded text.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from visual_rft.data.record import Record
-from visual_rft.rl.loss import token_logprobs
+from visual_rft.rl.loss import head_logprobs, token_logprobs
 
 
 @dataclass
@@ -30,6 +30,10 @@ class Rollout:
     advantages: torch.Tensor | None = None  # [N]
     old_logp: torch.Tensor | None = None  # [N, T], policy at sampling time (num_iterations > 1)
     ref_logp: torch.Tensor | None = None  # [N, T], reference model (beta > 0)
+    # The same prompts once per group (row i = records[i * group_size]); lets the fast paths run each
+    # prompt and image once instead of G times. None: only prompt_inputs is known.
+    group_inputs: dict[str, torch.Tensor] | None = None
+    group_size: int = 1
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -98,11 +102,64 @@ def scoring_inputs(prompt_inputs: dict[str, torch.Tensor], completion_ids: torch
     return batch
 
 
+def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, torch.Tensor]:
+    """Processor output with every row repeated `repeats` times in a row, images included.
+
+    pixel_values holds all images' patches back to back (image i has prod(image_grid_thw[i]) rows),
+    so it is repeated per image block, not per row.
+    """
+    if repeats == 1:
+        return dict(inputs)
+    rows = inputs["input_ids"].size(0)
+    out = {}
+    for key, value in inputs.items():
+        if key in ("pixel_values", "pixel_values_videos"):
+            grid = inputs["image_grid_thw" if key == "pixel_values" else "video_grid_thw"]
+            blocks = value.split(grid.prod(-1).tolist())
+            out[key] = torch.cat([b for b in blocks for _ in range(repeats)])
+        elif torch.is_tensor(value) and value.dim() >= 1 and value.size(0) == rows:
+            out[key] = value.repeat_interleave(repeats, dim=0)
+        else:
+            out[key] = value
+    return out
+
+
+def unwrap_model(model: Any) -> Any:
+    """The transformers model under DDP / torch.compile / PEFT wrappers (for its config and weights)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def lm_head_weight(model: Any) -> torch.Tensor | None:
+    """The output projection's weight when it is a plain bias-free Linear (else None: use logits)."""
+    head = unwrap_model(model).get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight
+    return None
+
+
 def completion_logprobs(model: Any, prompt_inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor) -> torch.Tensor:
-    """log p(completion token) under `model` [N, T]; logits are computed for completion positions only."""
+    """log p(completion token) under `model` [N, T], for completion positions only.
+
+    The forward goes through `model` itself (so DDP and PEFT see it) and returns the final hidden
+    states; the LM head then runs in row chunks (head_logprobs), so the [N, T, vocab] logits never
+    exist. Heads that are not a plain Linear (e.g. LoRA on lm_head) take the logits path.
+    """
     batch = scoring_inputs(prompt_inputs, completion_ids, completion_mask)
     length = completion_ids.size(1)
-    # The logits at position t predict token t+1, so the last T+1 positions cover every completion token.
-    logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
-    return token_logprobs(logits, completion_ids)
+    weight = lm_head_weight(model)
+    if weight is None:
+        # The logits at position t predict token t+1, so the last T+1 positions cover every completion token.
+        logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+        return token_logprobs(logits, completion_ids)
+    out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -(length + 1):-1]  # the final (normed) hidden states
+    return head_logprobs(hidden, weight, completion_ids)

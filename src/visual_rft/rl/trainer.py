@@ -13,14 +13,15 @@ from tqdm.auto import tqdm
 
 from visual_rft.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from visual_rft.config import Config, save_config
-from visual_rft.data.record import Record
+from visual_rft.data.record import Record, columns_of
 from visual_rft.models import load_reference_model, vision_token_ids
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               slot_seed, step_indices, total_steps)
 from visual_rft.rewards import RewardSet, resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages, group_reward_std
 from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean
-from visual_rft.rl.rollout import Rollout, completion_logprobs, generate
+from visual_rft.rl.fast import generate_grouped, rollout_logprobs
+from visual_rft.rl.rollout import Rollout, repeat_inputs
 from visual_rft.runlog import PhaseTimer, RunLog
 from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
 
@@ -65,24 +66,20 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ phases
     def sample(self, batch: list[Record]) -> Rollout:
-        inputs, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
-                                       repeat=self.g.num_generations, max_prompt_length=self.g.max_prompt_length)
-        ids, mask, texts = generate(
-            self.policy, self.processor.tokenizer, inputs, max_new_tokens=self.g.max_completion_length,
+        # Each prompt is processed and prefilled once, then its KV cache serves all G samples.
+        g = self.g.num_generations
+        group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
+                                      max_prompt_length=self.g.max_prompt_length)
+        ids, mask, texts = generate_grouped(
+            self.policy, self.processor.tokenizer, group, g, max_new_tokens=self.g.max_completion_length,
             temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
         )
-        records = [r for r in batch for _ in range(self.g.num_generations)]
-        return Rollout(records, prompts, inputs, ids, mask, texts)
+        records = [r for r in batch for _ in range(g)]
+        prompts = [p for p in prompts for _ in range(g)]
+        return Rollout(records, prompts, repeat_inputs(group, g), ids, mask, texts, group_inputs=group, group_size=g)
 
     def score(self, rollout: Rollout) -> None:
-        columns: dict[str, list] = {}
-        for record in rollout.records:
-            for key, value in record.columns().items():
-                columns.setdefault(key, []).append(value)
-        keys = set(columns)
-        for record in rollout.records:  # rows lacking a column (ragged extras) get None for it
-            for key in keys - record.columns().keys():
-                columns[key].append(None)
+        columns = columns_of(rollout.records)
         rollout.scores = self.rewards.score(rollout.completions, columns)
         rollout.rewards = torch.tensor(self.rewards.total(rollout.scores), dtype=torch.float32)
         rollout.advantages = group_advantages(rollout.rewards, self.g.num_generations, scale=self.g.scale_rewards)
@@ -90,22 +87,18 @@ class GRPOTrainer:
     @torch.no_grad()
     def reference(self, rollout: Rollout) -> None:
         if self.ref_model is not None:
-            model = self.ref_model
-            rollout.ref_logp = completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids,
-                                                   rollout.completion_mask)
+            rollout.ref_logp = rollout_logprobs(self.ref_model, rollout)
         else:  # LoRA: the reference is the base model, i.e. the policy with its adapters switched off
             with self.policy.disable_adapter():
-                rollout.ref_logp = completion_logprobs(self.model, rollout.prompt_inputs, rollout.completion_ids,
-                                                       rollout.completion_mask)
+                rollout.ref_logp = rollout_logprobs(self.model, rollout)
 
     @torch.no_grad()
     def old_policy(self, rollout: Rollout) -> None:
-        rollout.old_logp = completion_logprobs(self.model, rollout.prompt_inputs, rollout.completion_ids,
-                                               rollout.completion_mask)
+        rollout.old_logp = rollout_logprobs(self.model, rollout)
 
     def loss(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         mask = rollout.completion_mask
-        logp = completion_logprobs(self.model, rollout.prompt_inputs, rollout.completion_ids, mask)
+        logp = rollout_logprobs(self.model, rollout)  # one packed row per group, chunked LM head
         # With one update per rollout the sampling policy is the current one: the ratio is 1 and
         # only its gradient matters, so the detached log-probs stand in for a second forward pass.
         old = rollout.old_logp if rollout.old_logp is not None else logp.detach()

@@ -1,0 +1,219 @@
+"""GRPO's group structure, exploited: every prompt (and its image) runs once per group, not G times.
+
+All G completions of a group share one prompt, and with a vision-language model the prompt is
+mostly image tokens, so the plain paths spend most of their compute on G identical copies of it:
+- generation prefills each prompt once and copies its KV cache G times (`generate_grouped`);
+- scoring packs a group into one row, [prompt, completion 1, ..., completion G], where each
+  completion attends to the shared prompt and to itself only (a 4D mask) and continues the prompt's
+  M-RoPE positions, so the vision tower and the prompt run once per group (`group_logprobs`).
+Both give what the plain paths give (same tokens, same log-probs and gradients to float rounding;
+tests/test_rl_equivalence.py) and fall back to them where a model does not fit the pattern.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.generation.logits_process import (LogitsProcessorList, SuppressTokensLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from visual_rft.rl.loss import head_logprobs
+from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
+                                   lm_head_weight, repeat_inputs, unwrap_model)
+
+_ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+_PACKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def prompt_positions(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """M-RoPE position ids [3, B, P] of the prompts and the next text position after each [B].
+
+    None for a model without Qwen-VL's get_rope_index (the fast paths then fall back).
+    """
+    base = getattr(unwrap_model(model), "model", None)
+    if not hasattr(base, "get_rope_index") or "mm_token_type_ids" not in inputs:
+        return None
+    extra = {k: inputs[k] for k in _ROPE_KEYS if inputs.get(k) is not None}
+    mask = inputs["attention_mask"]
+    positions, deltas = base.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                            attention_mask=mask, **extra)
+    # get_rope_index's delta is (largest position + 1) - (number of real tokens): the next text position.
+    return positions, mask.sum(1) + deltas.view(-1).to(mask.device)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _processors(temperature: float, top_p: float, top_k: int, suppress_ids: list[int] | None,
+                device: torch.device) -> LogitsProcessorList:
+    """The processors transformers' generate builds for these settings, in its order."""
+    procs = LogitsProcessorList()
+    if suppress_ids:
+        procs.append(SuppressTokensLogitsProcessor(suppress_ids, device=device))
+    if temperature > 0:
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            procs.append(TopKLogitsWarper(top_k=top_k))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=top_p))
+    return procs
+
+
+@torch.no_grad()
+def generate_grouped(
+    model: Any,
+    tokenizer: Any,
+    group_inputs: dict[str, torch.Tensor],
+    group_size: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    suppress_ids: list[int] | None = None,
+    logits_out: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`generate` on the prompts repeated `group_size` times in a row, with each prompt prefilled once.
+
+    Same decoding as transformers' sampling loop (its logits processors, softmax + multinomial, or
+    argmax; finished rows emit padding; stops when every row has finished), so with the same RNG
+    state it draws the same tokens. Only the explicit settings apply: sampling defaults stored in a
+    checkpoint's generation_config (repetition_penalty, a default top_k) are not picked up.
+    `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
+    """
+    prompt = prompt_positions(model, group_inputs)
+    if prompt is None or group_size == 1:  # nothing to share, or positions this code cannot continue
+        return generate(model, tokenizer, repeat_inputs(group_inputs, group_size), max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
+    out = model(**group_inputs, use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
+    del out
+    eos = torch.tensor(eos_token_ids(model, tokenizer), device=logits.device)
+    pad = tokenizer.pad_token_id
+    procs = _processors(temperature, top_p, top_k, suppress_ids, logits.device)
+    attention = group_inputs["attention_mask"].repeat_interleave(group_size, dim=0)
+    position = prompt[1].repeat_interleave(group_size)
+    rows = attention.size(0)
+    unfinished = torch.ones(rows, dtype=torch.long, device=logits.device)
+    tokens = torch.empty(rows, 0, dtype=torch.long, device=logits.device)
+    for step in range(max_new_tokens):
+        if logits_out is not None:
+            logits_out.append(logits)
+        scores = procs(tokens, logits)
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            nxt = torch.argmax(scores, dim=-1)
+        nxt = nxt * unfinished + pad * (1 - unfinished)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        unfinished = unfinished & ~torch.isin(nxt, eos)
+        if step + 1 == max_new_tokens or not unfinished.any():
+            break
+        attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
+        pos = (position + step).view(1, rows, 1).expand(3, rows, 1)
+        logits = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos, cache=cache,
+                       use_cache=True).logits[:, -1].float()
+    mask = completion_mask(tokens, eos.tolist())
+    texts = tokenizer.batch_decode(tokens * mask + pad * (1 - mask), skip_special_tokens=True)
+    return tokens, mask, texts
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def _attention_kind(model: Any) -> str:
+    return getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager"
+
+
+def packing_pays(model: Any, prompt_len: int, completion_len: int, group_size: int) -> bool:
+    """Whether one packed row per group is cheaper than G separate rows.
+
+    Packing runs P + G*T tokens through the linear layers instead of G*(P+T), but its attention is a
+    dense (P+G*T)^2 block against G*(P+T)^2: long completions and large groups can make it lose.
+    Linear cost per token ~ 2 * 12 h^2 per layer, attention ~ 4 h per query-key pair per layer.
+    """
+    if group_size < 2:
+        return False
+    h = unwrap_model(model).config.get_text_config().hidden_size
+    p, t, g = prompt_len, completion_len, group_size
+    packed = (p + g * t) * 24 * h * h + 4 * h * (p + g * t) ** 2
+    plain = g * (p + t) * 24 * h * h + 4 * h * g * (p + t) ** 2
+    return packed < plain
+
+
+def can_pack(model: Any, rollout: Rollout) -> bool:
+    if rollout.group_inputs is None or "mm_token_type_ids" not in rollout.group_inputs:
+        return False
+    if _attention_kind(model) not in _PACKABLE_ATTENTION or lm_head_weight(model) is None:
+        return False
+    base = getattr(unwrap_model(model), "model", None)
+    return hasattr(base, "get_rope_index") and packing_pays(
+        model, rollout.group_inputs["input_ids"].size(1), rollout.completion_ids.size(1), rollout.group_size)
+
+
+def _group_mask(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
+                kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] mask of a packed row: causal, each completion sees the prompt and itself only,
+    padding is never a key. The diagonal stays open so a padding query never has an all-masked
+    row (NaN under SDPA, which would leak into the real rows through the values)."""
+    rows, prompt_len = prompt_mask.shape
+    length = completion_mask.size(1) // group_size
+    device = prompt_mask.device
+    segment = torch.cat([torch.zeros(prompt_len, dtype=torch.long, device=device),
+                         torch.arange(1, group_size + 1, device=device).repeat_interleave(length)])
+    size = segment.numel()
+    causal = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+    visible = causal & ((segment[:, None] == segment[None, :]) | (segment[None, :] == 0))
+    keys = torch.cat([prompt_mask, completion_mask], dim=1).bool()
+    allowed = (visible[None] & keys[:, None, :]) | torch.eye(size, dtype=torch.bool, device=device)[None]
+    allowed = allowed[:, None]
+    if kind == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def packed_batch(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int,
+                 completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """Model inputs with one row per group, and for each completion token the packed position whose
+    hidden state predicts it ([G*T] indices, the same for every row)."""
+    ids, prompt_mask = group_inputs["input_ids"], group_inputs["attention_mask"]
+    rows, prompt_len = ids.shape
+    length = completion_ids.size(1)
+    packed_ids = completion_ids.reshape(rows, group_size * length)
+    packed_mask = completion_mask.reshape(rows, group_size * length).to(prompt_mask.dtype)
+    positions, start = prompt_positions(model, group_inputs)
+    # Every completion continues the prompt's text positions from the same start, as it would alone.
+    offsets = torch.arange(length, device=ids.device).repeat(group_size)
+    completion_pos = (start[:, None] + offsets[None]).unsqueeze(0).expand(3, -1, -1)
+    dtype = unwrap_model(model).dtype
+    batch = dict(group_inputs)
+    batch.update(
+        input_ids=torch.cat([ids, packed_ids], dim=1),
+        attention_mask=_group_mask(prompt_mask, packed_mask, group_size, _attention_kind(model), dtype),
+        position_ids=torch.cat([positions, completion_pos.to(positions.dtype)], dim=2),
+        mm_token_type_ids=torch.cat([group_inputs["mm_token_type_ids"],
+                                     torch.zeros_like(packed_ids, dtype=group_inputs["mm_token_type_ids"].dtype)], 1),
+    )
+    # Token j of completion g sits at P + g*T + j and is predicted by the state just before it; the
+    # first token of every completion is predicted by the prompt's last position.
+    predict = prompt_len + torch.arange(group_size * length, device=ids.device) - 1
+    predict[::length] = prompt_len - 1
+    return batch, predict
+
+
+def group_logprobs(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int,
+                   completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """completion_logprobs [N, T] computed with one packed row per group (see packed_batch)."""
+    batch, predict = packed_batch(model, group_inputs, group_size, completion_ids, completion_mask)
+    out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, predict]  # [B, G*T, H]
+    hidden = hidden.reshape(completion_ids.size(0), completion_ids.size(1), -1)
+    return head_logprobs(hidden, lm_head_weight(model), completion_ids)
+
+
+def rollout_logprobs(model: Any, rollout: Rollout) -> torch.Tensor:
+    """log p(completion tokens) [N, T] under `model`: packed per group when possible, else plain."""
+    if can_pack(model, rollout):
+        return group_logprobs(model, rollout.group_inputs, rollout.group_size, rollout.completion_ids,
+                              rollout.completion_mask)
+    return completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)

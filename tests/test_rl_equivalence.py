@@ -1,0 +1,170 @@
+"""The fast paths give what the straightforward ones give, on the tiny model and a fixed batch.
+
+Straightforward = the whole [N, T, V] logits of a plain forward on the G-times repeated prompts,
+log_softmax, gather; and transformers' own generate. Fast = one packed row per group with a chunked
+LM head (rollout_logprobs), and prefill-once generation (generate_grouped).
+"""
+
+import pytest
+import torch
+
+from visual_rft.data.embedded import mnist_records
+from visual_rft.models import build_model_inputs, vision_token_ids
+from visual_rft.rl.fast import can_pack, generate_grouped, packing_pays, rollout_logprobs
+from visual_rft.rl.loss import aggregate, clipped_surrogate, head_logprobs, k3_kl
+from visual_rft.rl.rollout import Rollout, completion_logprobs, generate, repeat_inputs, scoring_inputs
+from visual_rft.tiny_model import make_tiny_model
+
+G = 3
+PROMPTS = ["Which digit is this?", "Look closely at the picture and name the handwritten digit it shows.", "Digit?"]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny(request):
+    model, processor = make_tiny_model(seed=0, arch=request.param)
+    processor.tokenizer.padding_side = "left"
+    images = [r.load_image() for r in mnist_records(limit=len(PROMPTS), size=56)]
+    group = dict(build_model_inputs(processor, images, PROMPTS))  # different lengths: left padding
+    return model, processor, group
+
+
+def _fixed_rollout(model, processor, group, length=7):
+    """Random completions in which some rows end early with EOS, followed by padding."""
+    gen = torch.Generator().manual_seed(1)
+    vocab = len(processor.tokenizer)
+    allowed = torch.tensor([i for i in range(vocab) if i not in set(vision_token_ids(processor))])
+    ids = allowed[torch.randint(len(allowed), (len(PROMPTS) * G, length), generator=gen)]
+    eos, pad = processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.pad_token_id
+    ids[1, 3], ids[1, 4:] = eos, pad
+    ids[5, 0], ids[5, 1:] = eos, pad
+    mask = torch.ones_like(ids)
+    mask[1, 4:], mask[5, 1:] = 0, 0
+    return Rollout([None] * ids.size(0), [""] * ids.size(0), repeat_inputs(group, G), ids, mask, [""] * ids.size(0),
+                   group_inputs=group, group_size=G)
+
+
+def _naive_logprobs(model, rollout):
+    batch = scoring_inputs(rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)
+    logits = model(**batch, use_cache=False).logits[:, -rollout.completion_ids.size(1) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+
+
+def _grpo_loss(logp, rollout, ref_logp, advantages):
+    per_token, _ = clipped_surrogate(logp, logp.detach(), advantages, 0.2, 0.2)
+    per_token = per_token + 0.04 * k3_kl(logp, ref_logp)
+    return aggregate(per_token, rollout.completion_mask, "grpo", rollout.completion_ids.size(1))
+
+
+def _loss_and_grads(model, logprobs_fn, rollout, ref_logp, advantages):
+    model.zero_grad(set_to_none=True)
+    loss = _grpo_loss(logprobs_fn(model, rollout), rollout, ref_logp, advantages)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_head_logprobs_value_and_gradients_match_log_softmax():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(11, (2, 5), generator=gen)
+    scale = torch.randn(2, 5, generator=gen)
+    expected = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    want = torch.autograd.grad((expected * scale).sum(), (hidden, weight))
+    for rows in (3, 64):  # several chunks, and one
+        got = head_logprobs(hidden, weight, targets, chunk_rows=rows)
+        assert torch.allclose(got, expected, atol=1e-6)
+        for g, w in zip(torch.autograd.grad((got * scale).sum(), (hidden, weight)), want):
+            assert torch.allclose(g, w, atol=1e-6)
+
+
+def test_fast_scoring_gives_the_same_loss_and_gradients(tiny):
+    model, processor, group = tiny
+    model.train()
+    rollout = _fixed_rollout(model, processor, group)
+    assert can_pack(model, rollout)  # the packed path is the one under test
+    advantages = torch.linspace(-1.0, 1.0, rollout.completion_ids.size(0))
+    with torch.no_grad():
+        naive = _naive_logprobs(model, rollout)
+        ref_logp = naive - 0.05 * torch.arange(naive.size(1))  # a reference that differs from the policy
+        fast = rollout_logprobs(model, rollout)
+        plain = completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(fast[mask], naive[mask], atol=1e-5)
+    assert torch.allclose(plain[mask], naive[mask], atol=1e-5)
+    loss_naive, grads_naive = _loss_and_grads(model, _naive_logprobs, rollout, ref_logp, advantages)
+    loss_fast, grads_fast = _loss_and_grads(model, rollout_logprobs, rollout, ref_logp, advantages)
+    assert abs(loss_fast.item() - loss_naive.item()) < 1e-5
+    assert grads_fast.keys() == grads_naive.keys() and len(grads_naive) > 20  # vision tower included
+    for name, grad in grads_naive.items():
+        assert torch.allclose(grads_fast[name], grad, atol=1e-5), name
+
+
+def test_eager_attention_packs_with_an_additive_mask(tiny):
+    model, processor, group = tiny
+    rollout = _fixed_rollout(model, processor, group)
+    model.set_attn_implementation("eager")
+    try:
+        assert can_pack(model, rollout)
+        with torch.no_grad():
+            fast, naive = rollout_logprobs(model, rollout), _naive_logprobs(model, rollout)
+    finally:
+        model.set_attn_implementation("sdpa")
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(fast[mask], naive[mask], atol=1e-5)
+
+
+def _both(model, processor, group, **settings):
+    """generate on the repeated prompts and generate_grouped, each from the same RNG state."""
+    settings = dict(max_new_tokens=10, suppress_ids=vision_token_ids(processor), **settings)
+    torch.manual_seed(123)
+    plain = generate(model, processor.tokenizer, repeat_inputs(group, G), **settings)
+    torch.manual_seed(123)
+    steps: list[torch.Tensor] = []
+    fast = generate_grouped(model, processor.tokenizer, group, G, logits_out=steps, **settings)
+    return plain, fast, steps
+
+
+def test_grouped_generation_equals_generate_greedy(tiny):
+    model, processor, group = tiny
+    model.eval()
+    (ids, mask, texts), (ids2, mask2, texts2), _ = _both(model, processor, group, temperature=0.0)
+    assert torch.equal(ids2, ids) and torch.equal(mask2, mask) and texts2 == texts
+
+
+def test_grouped_generation_stops_at_eos_like_generate(tiny):
+    model, processor, group = tiny
+    model.eval()
+    (ids, _, _), _, _ = _both(model, processor, group, temperature=1.0)
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [int(ids[0, 3]), int(ids[4, 5])]  # some rows now stop early
+    try:
+        (ids, mask, texts), (ids2, mask2, texts2), _ = _both(model, processor, group, temperature=1.0)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert mask.sum(1).min() < ids.size(1) and (ids == processor.tokenizer.pad_token_id).any()
+    assert torch.equal(ids2, ids) and torch.equal(mask2, mask) and texts2 == texts
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
+def test_grouped_sampling_draws_from_the_same_distribution(tiny, settings):
+    model, processor, group = tiny
+    model.eval()
+    (ids, mask, _), (ids2, mask2, _), steps = _both(model, processor, group, **settings)
+    # same RNG state and same logits -> the very same draws
+    assert torch.equal(ids2, ids) and torch.equal(mask2, mask)
+    # and the logits at every step are those of a plain forward over the sampled sequence (up to each
+    # row's EOS: after it generation feeds padding that scoring masks out)
+    batch = scoring_inputs(repeat_inputs(group, G), ids, mask)
+    with torch.no_grad():
+        full = model(**batch, use_cache=False).logits[:, -ids.size(1) - 1:-1]
+    valid = mask.bool()
+    assert torch.allclose(torch.stack(steps, dim=1)[valid], full[valid], atol=1e-5)
+
+
+def test_packing_is_chosen_only_when_it_saves_compute(tiny):
+    model = tiny[0]
+    assert packing_pays(model, prompt_len=290, completion_len=64, group_size=4)
+    assert not packing_pays(model, prompt_len=300, completion_len=1024, group_size=16)
+    assert not packing_pays(model, prompt_len=290, completion_len=64, group_size=1)
