@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
@@ -219,30 +220,15 @@ def make_tiny_model(
     return model, processor
 
 
-def build_tiny_model(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    vocab_size: int = 512,
-    text_hidden: int = 128,
-    layers: int = 2,
-    vision_depth: int = 2,
-    vision_width: int = 64,
-    image_size: int = 56,
-    corpus: list[str] | None = None,
-    arch: str = "qwen2_vl",
-) -> Path:
+def build_tiny_model(out_dir: str | Path, **options: Any) -> Path:
     """Write a random-init tiny Qwen2-VL (or Qwen2.5-VL) checkpoint + processor into out_dir.
 
-    Same arguments -> byte-identical files. Every image is resized to about image_size**2 pixels, so a
-    56x56 image is 4x4 patches of 14 px = 4 merged image tokens. The tokenizer's length (specials
-    included) is at most vocab_size, and the model's vocabulary equals the tokenizer's length.
+    Takes make_tiny_model's keyword options (seed, vocab_size, ..., corpus, arch). Same options ->
+    byte-identical files. Every image is resized to about image_size**2 pixels, so a 56x56 image is
+    4x4 patches of 14 px = 4 merged image tokens. The tokenizer's length (specials included) is at
+    most vocab_size, and the model's vocabulary equals the tokenizer's length.
     """
-    model, processor = make_tiny_model(
-        seed=seed, vocab_size=vocab_size, text_hidden=text_hidden, layers=layers,
-        vision_depth=vision_depth, vision_width=vision_width, image_size=image_size,
-        corpus=corpus, arch=arch,
-    )
+    model, processor = make_tiny_model(**options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
