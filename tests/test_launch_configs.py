@@ -1,0 +1,40 @@
+"""The shipped accelerate launch configs: valid for accelerate here, run for real only on GPUs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import ClusterConfig
+from accelerate.utils import DistributedType
+
+LAUNCH = Path(__file__).parent.parent / "configs" / "accelerate"
+EXPECTED = {"ddp": (DistributedType.MULTI_GPU, None), "zero2": (DistributedType.DEEPSPEED, 2),
+            "zero3": (DistributedType.DEEPSPEED, 3), "fsdp": (DistributedType.FSDP, None)}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_launch_config_parses_with_accelerate(name):
+    config = ClusterConfig.from_yaml_file(str(LAUNCH / f"{name}.yaml"))
+    kind, stage = EXPECTED[name]
+    assert config.distributed_type == kind and config.num_processes == 8
+    if stage is not None:
+        # visual-rft accumulates gradients itself; DeepSpeed must not accumulate a second time
+        assert config.deepspeed_config["zero_stage"] == stage
+        assert config.deepspeed_config["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_launch_config_trains_the_tiny_model_on_two_gpus(name, tiny_model_dir, digits_jsonl, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / f"{name}.yaml"),
+           "--num_processes", "2", "-m", "visual_rft.cli", "train", "configs/demo.yaml",
+           f"model.name_or_path={tiny_model_dir}", f"data.train={digits_jsonl}", f"output.dir={tmp_path}",
+           "model.device=auto", "model.dtype=auto", "grpo.max_steps=2", "grpo.num_generations=4",
+           "grpo.per_device_batch_size=1", "grpo.max_completion_length=8", "output.progress=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "checkpoint-2" / "model" / "config.json").is_file()
