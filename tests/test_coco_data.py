@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from visual_rft.data.lisa import load_lisa
 from visual_rft.data.coco import (
     detection_solution,
     load_coco,
     load_detection_source,
-    load_lisa,
     load_lvis,
     parse_spec,
     qwen_input_size,
