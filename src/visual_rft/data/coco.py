@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
