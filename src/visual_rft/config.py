@@ -155,11 +155,13 @@ class OutputConfig:
 class DemoConfig:
     """The CPU demo's extra phases (used only by `visual-rft demo`)."""
 
+    dataset: Literal["mnist", "trees"] = "mnist"  # embedded digits (classification) or tree tiles of data.train/eval (detection)
     seed: int = 0  # data split, tiny-model weights and k-shot sample
-    warmup_records: int = 3000  # digits for the supervised warm-up that teaches the answer format
-    pool_records: int = 1000  # digits the k-shot sample is drawn from
-    test_records: int = 1000  # held-out digits for base / SFT / RFT evaluation
-    k: int = 16  # examples per class for SFT and RFT
+    warmup_records: int = 3000  # records for the supervised warm-up that teaches the answer format
+    pool_records: int = 1000  # records the k-shot sample is drawn from (disjoint from the warm-up)
+    test_records: int = 1000  # held-out records for base / SFT / RFT evaluation (trees: at most this many of data.eval)
+    k: int = 16  # examples per class (trees: tiles of the one class "tree") for SFT and RFT
+    corpus_records: int = 0  # warm-up prompts + answers added to the tiny tokenizer's corpus (long answers -> fewer tokens)
     warmup_steps: int = 300  # warm-up SFT steps (on the demo's digits: 250 -> ~53%, 300 -> ~62%, 450 -> ~85% held-out)
     warmup_batch_size: int = 32
     warmup_learning_rate: float = 1e-3
