@@ -8,10 +8,11 @@ LM head (rollout_logprobs), and prefill-once generation (generate_grouped).
 import pytest
 import torch
 
+import visual_rft.rl.loss as loss_module
 from visual_rft.data.embedded import mnist_records
 from visual_rft.models import build_model_inputs, vision_token_ids
-from visual_rft.rl.fast import can_pack, generate_grouped, packing_pays, rollout_logprobs
-from visual_rft.rl.loss import aggregate, clipped_surrogate, head_logprobs, k3_kl
+from visual_rft.rl.fast import can_pack, generate_grouped, inverse_cdf, packing_pays, rollout_logprobs
+from visual_rft.rl.loss import aggregate, clipped_surrogate, head_logprobs, k3_kl, ratio_one_grad_hint
 from visual_rft.rl.rollout import Rollout, completion_logprobs, generate, repeat_inputs, scoring_inputs
 from visual_rft.tiny_model import make_tiny_model
 
@@ -19,13 +20,32 @@ G = 3
 PROMPTS = ["Which digit is this?", "Look closely at the picture and name the handwritten digit it shows.", "Digit?"]
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def tiny(request):
-    model, processor = make_tiny_model(seed=0, arch=request.param)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: on shared cores OpenMP's spin-waiting makes two threads ~15x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _make(arch):
+    model, processor = make_tiny_model(seed=0, arch=arch)
     processor.tokenizer.padding_side = "left"
     images = [r.load_image() for r in mnist_records(limit=len(PROMPTS), size=56)]
     group = dict(build_model_inputs(processor, images, PROMPTS))  # different lengths: left padding
     return model, processor, group
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny(request):
+    """Both architectures: their M-RoPE positions differ, and the fast paths compute positions."""
+    return _make(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny_vl():
+    return _make("qwen2_vl")
 
 
 def _fixed_rollout(model, processor, group, length=7):
@@ -55,10 +75,10 @@ def _grpo_loss(logp, rollout, ref_logp, advantages):
     return aggregate(per_token, rollout.completion_mask, "grpo", rollout.completion_ids.size(1))
 
 
-def _loss_and_grads(model, logprobs_fn, rollout, ref_logp, advantages):
+def _loss_and_grads(model, logprobs_fn, rollout, ref_logp, advantages, scale=1.0):
     model.zero_grad(set_to_none=True)
     loss = _grpo_loss(logprobs_fn(model, rollout), rollout, ref_logp, advantages)
-    loss.backward()
+    (loss * scale).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
@@ -79,8 +99,11 @@ def test_head_logprobs_value_and_gradients_match_log_softmax():
             assert torch.allclose(g, w, atol=1e-6)
 
 
-def test_fast_scoring_gives_the_same_loss_and_gradients(tiny):
+def test_fast_scoring_gives_the_same_loss_and_gradients(tiny, monkeypatch):
     model, processor, group = tiny
+    scales = []  # what each backward made of the hint: a scale (gradients taken from the forward) or None
+    hint_scale = loss_module._hint_scale
+    monkeypatch.setattr(loss_module, "_hint_scale", lambda p, a: scales.append(hint_scale(p, a)) or scales[-1])
     model.train()
     rollout = _fixed_rollout(model, processor, group)
     assert can_pack(model, rollout)  # the packed path is the one under test
@@ -94,15 +117,26 @@ def test_fast_scoring_gives_the_same_loss_and_gradients(tiny):
     assert torch.allclose(fast[mask], naive[mask], atol=1e-5)
     assert torch.allclose(plain[mask], naive[mask], atol=1e-5)
     loss_naive, grads_naive = _loss_and_grads(model, _naive_logprobs, rollout, ref_logp, advantages)
-    loss_fast, grads_fast = _loss_and_grads(model, rollout_logprobs, rollout, ref_logp, advantages)
-    assert abs(loss_fast.item() - loss_naive.item()) < 1e-5
-    assert grads_fast.keys() == grads_naive.keys() and len(grads_naive) > 20  # vision tower included
-    for name, grad in grads_naive.items():
-        assert torch.allclose(grads_fast[name], grad, atol=1e-5), name
+    hint = ratio_one_grad_hint(advantages, ref_logp, rollout.completion_mask, beta=0.04, eps_low=0.2, eps_high=0.2,
+                               loss_type="grpo", max_completion_length=rollout.completion_ids.size(1))
+    wrong = ratio_one_grad_hint(advantages, None, rollout.completion_mask, beta=0.04, eps_low=0.2, eps_high=0.2,
+                                loss_type="dapo", max_completion_length=rollout.completion_ids.size(1))
+    for name, fn, scale, used in [
+        ("packed", rollout_logprobs, 1.0, []),
+        ("packed + gradients in the forward", lambda m, r: rollout_logprobs(m, r, grad_hint=hint), 0.5, [0.5]),
+        ("packed + a wrong hint (recomputed)", lambda m, r: rollout_logprobs(m, r, grad_hint=wrong), 1.0, [None]),
+    ]:
+        scales.clear()
+        loss_fast, grads_fast = _loss_and_grads(model, fn, rollout, ref_logp, advantages, scale)
+        assert scales == pytest.approx(used) if used != [None] else scales == [None], name
+        assert abs(loss_fast.item() - loss_naive.item()) < 1e-5, name
+        assert grads_fast.keys() == grads_naive.keys() and len(grads_naive) > 20  # vision tower included
+        for key, grad in grads_naive.items():
+            assert torch.allclose(grads_fast[key] / scale, grad, atol=1e-5), (name, key)
 
 
-def test_eager_attention_packs_with_an_additive_mask(tiny):
-    model, processor, group = tiny
+def test_eager_attention_packs_with_an_additive_mask(tiny_vl):
+    model, processor, group = tiny_vl
     rollout = _fixed_rollout(model, processor, group)
     model.set_attn_implementation("eager")
     try:
@@ -115,14 +149,14 @@ def test_eager_attention_packs_with_an_additive_mask(tiny):
     assert torch.allclose(fast[mask], naive[mask], atol=1e-5)
 
 
-def _both(model, processor, group, **settings):
+def _both(model, processor, group, sampler="multinomial", **settings):
     """generate on the repeated prompts and generate_grouped, each from the same RNG state."""
-    settings = dict(max_new_tokens=10, suppress_ids=vision_token_ids(processor), **settings)
+    settings = dict(max_new_tokens=8, suppress_ids=vision_token_ids(processor), **settings)
     torch.manual_seed(123)
     plain = generate(model, processor.tokenizer, repeat_inputs(group, G), **settings)
     torch.manual_seed(123)
     steps: list[torch.Tensor] = []
-    fast = generate_grouped(model, processor.tokenizer, group, G, logits_out=steps, **settings)
+    fast = generate_grouped(model, processor.tokenizer, group, G, logits_out=steps, sampler=sampler, **settings)
     return plain, fast, steps
 
 
@@ -133,8 +167,8 @@ def test_grouped_generation_equals_generate_greedy(tiny):
     assert torch.equal(ids2, ids) and torch.equal(mask2, mask) and texts2 == texts
 
 
-def test_grouped_generation_stops_at_eos_like_generate(tiny):
-    model, processor, group = tiny
+def test_grouped_generation_stops_at_eos_like_generate(tiny_vl):
+    model, processor, group = tiny_vl
     model.eval()
     (ids, _, _), _, _ = _both(model, processor, group, temperature=1.0)
     saved = model.generation_config.eos_token_id
@@ -148,8 +182,8 @@ def test_grouped_generation_stops_at_eos_like_generate(tiny):
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
-def test_grouped_sampling_draws_from_the_same_distribution(tiny, settings):
-    model, processor, group = tiny
+def test_grouped_sampling_draws_from_the_same_distribution(tiny_vl, settings):
+    model, processor, group = tiny_vl
     model.eval()
     (ids, mask, _), (ids2, mask2, _), steps = _both(model, processor, group, **settings)
     # same RNG state and same logits -> the very same draws
@@ -163,8 +197,28 @@ def test_grouped_sampling_draws_from_the_same_distribution(tiny, settings):
     assert torch.allclose(torch.stack(steps, dim=1)[valid], full[valid], atol=1e-5)
 
 
-def test_packing_is_chosen_only_when_it_saves_compute(tiny):
-    model = tiny[0]
+def test_default_sampler_draws_from_the_distribution_of_every_step(tiny_vl):
+    model, processor, group = tiny_vl
+    model.eval()
+    _, (ids, mask, _), steps = _both(model, processor, group, sampler="inverse_cdf", temperature=1.0)
+    batch = scoring_inputs(repeat_inputs(group, G), ids, mask)
+    with torch.no_grad():
+        full = model(**batch, use_cache=False).logits[:, -ids.size(1) - 1:-1]
+    valid = mask.bool()
+    assert torch.allclose(torch.stack(steps, dim=1)[valid], full[valid], atol=1e-5)
+    assert not torch.isin(ids, torch.tensor(vision_token_ids(processor))).any()
+
+
+def test_inverse_cdf_picks_the_bucket_of_each_uniform():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(6, -1)
+    uniform = torch.tensor([0.0, 0.2499, 0.25, 0.5, 0.9999, 1.0 - 1e-12])
+    assert inverse_cdf(probs, uniform).tolist() == [1, 1, 3, 3, 3, 3]  # never a zero-probability token
+    draws = inverse_cdf(torch.tensor([[0.1, 0.2, 0.7]]).expand(100_000, -1), torch.rand(100_000))
+    assert torch.allclose(torch.bincount(draws, minlength=3) / 1e5, torch.tensor([0.1, 0.2, 0.7]), atol=0.01)
+
+
+def test_packing_is_chosen_only_when_it_saves_compute(tiny_vl):
+    model = tiny_vl[0]
     assert packing_pays(model, prompt_len=290, completion_len=64, group_size=4)
     assert not packing_pays(model, prompt_len=300, completion_len=1024, group_size=16)
     assert not packing_pays(model, prompt_len=290, completion_len=64, group_size=1)

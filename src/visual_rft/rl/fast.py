@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.generation.logits_process import (LogitsProcessorList, SuppressTokensLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
 
 from visual_rft.rl.loss import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
@@ -43,12 +43,9 @@ def prompt_positions(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def _processors(temperature: float, top_p: float, top_k: int, suppress_ids: list[int] | None,
-                device: torch.device) -> LogitsProcessorList:
-    """The processors transformers' generate builds for these settings, in its order."""
+def _warpers(temperature: float, top_p: float, top_k: int) -> LogitsProcessorList:
+    """The sampling warpers transformers' generate builds for these settings, in its order."""
     procs = LogitsProcessorList()
-    if suppress_ids:
-        procs.append(SuppressTokensLogitsProcessor(suppress_ids, device=device))
     if temperature > 0:
         if temperature != 1.0:
             procs.append(TemperatureLogitsWarper(temperature))
@@ -57,6 +54,46 @@ def _processors(temperature: float, top_p: float, top_k: int, suppress_ids: list
         if top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p=top_p))
     return procs
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Row-wise draws from `probs` [N, V] given uniforms [N] in [0, 1): the first index whose
+    cumulative probability exceeds u * total. Exact in distribution, and on a CPU with a 151k
+    vocabulary about 10x faster than torch.multinomial (which draws V exponentials per row)."""
+    cdf = probs.double().cumsum_(dim=-1)
+    picked = torch.searchsorted(cdf, uniform.double()[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    # u * total can round up to total: never step past the last token that has probability
+    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(picked, last)
+
+
+def _draw(scores: torch.Tensor, sampling: bool, sampler: str) -> torch.Tensor:
+    if not sampling:
+        return torch.argmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sampler == "multinomial":  # transformers' own draw: the same tokens as generate for one RNG state
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return inverse_cdf(probs, torch.rand(probs.size(0), device=probs.device))
+
+
+def _decode_head(model: Any) -> torch.Tensor | None:
+    """On CPU, the LM head weight transposed into a contiguous [H, V] copy, or None.
+
+    Each decode step multiplies a few rows by the whole head ([V, H], 311 MB at 151,936 x 512), a
+    memory-bound product that MKL runs ~25% faster against a row-major [H, V] operand than against
+    the transposed view nn.Linear passes it (same values, bit for bit). The copy lives for one call.
+    """
+    weight = lm_head_weight(model)
+    if weight is None or weight.device.type != "cpu" or not hasattr(unwrap_model(model), "model"):
+        return None
+    return weight.detach().T.contiguous()
+
+
+def _step_logits(model: Any, head_t: torch.Tensor | None, **inputs: Any) -> torch.Tensor:
+    """One decode step's logits [N, V] (fp32), through `head_t` when there is one."""
+    if head_t is None:
+        return model(**inputs).logits[:, -1].float()
+    return (unwrap_model(model).model(**inputs).last_hidden_state[:, -1] @ head_t).float()
 
 
 @torch.no_grad()
@@ -71,14 +108,17 @@ def generate_grouped(
     top_p: float = 1.0,
     top_k: int = 0,
     suppress_ids: list[int] | None = None,
+    sampler: str = "inverse_cdf",
     logits_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`generate` on the prompts repeated `group_size` times in a row, with each prompt prefilled once.
 
-    Same decoding as transformers' sampling loop (its logits processors, softmax + multinomial, or
-    argmax; finished rows emit padding; stops when every row has finished), so with the same RNG
-    state it draws the same tokens. Only the explicit settings apply: sampling defaults stored in a
-    checkpoint's generation_config (repetition_penalty, a default top_k) are not picked up.
+    Same decoding as transformers' sampling loop: suppressed tokens, its temperature / top-k / top-p
+    warpers, argmax or a draw from the softmax; finished rows emit padding; it stops when every row
+    has finished. The draw is by inverse CDF (same distribution, far cheaper on CPU); with
+    sampler="multinomial" it is transformers' own, and one RNG state gives the very same tokens.
+    Only the explicit settings apply: sampling defaults stored in a checkpoint's generation_config
+    (repetition_penalty, a default top_k) are not picked up.
     `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
     """
     prompt = prompt_positions(model, group_inputs)
@@ -92,20 +132,19 @@ def generate_grouped(
     del out
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=logits.device)
     pad = tokenizer.pad_token_id
-    procs = _processors(temperature, top_p, top_k, suppress_ids, logits.device)
+    warpers = _warpers(temperature, top_p, top_k)
+    suppress = torch.tensor(sorted(set(suppress_ids or [])), dtype=torch.long, device=logits.device)
     attention = group_inputs["attention_mask"].repeat_interleave(group_size, dim=0)
     position = prompt[1].repeat_interleave(group_size)
     rows = attention.size(0)
+    head_t = _decode_head(model)
     unfinished = torch.ones(rows, dtype=torch.long, device=logits.device)
     tokens = torch.empty(rows, 0, dtype=torch.long, device=logits.device)
     for step in range(max_new_tokens):
         if logits_out is not None:
             logits_out.append(logits)
-        scores = procs(tokens, logits)
-        if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            nxt = torch.argmax(scores, dim=-1)
+        scores = logits.index_fill(1, suppress, -float("inf")) if suppress.numel() else logits
+        nxt = _draw(warpers(tokens, scores), temperature > 0, sampler)
         nxt = nxt * unfinished + pad * (1 - unfinished)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         unfinished = unfinished & ~torch.isin(nxt, eos)
@@ -113,8 +152,8 @@ def generate_grouped(
             break
         attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
         pos = (position + step).view(1, rows, 1).expand(3, rows, 1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos, cache=cache,
-                       use_cache=True).logits[:, -1].float()
+        logits = _step_logits(model, head_t, input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
+                              cache=cache, use_cache=True)
     mask = completion_mask(tokens, eos.tolist())
     texts = tokenizer.batch_decode(tokens * mask + pad * (1 - mask), skip_special_tokens=True)
     return tokens, mask, texts
@@ -202,18 +241,20 @@ def packed_batch(model: Any, group_inputs: dict[str, torch.Tensor], group_size: 
 
 
 def group_logprobs(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int,
-                   completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """completion_logprobs [N, T] computed with one packed row per group (see packed_batch)."""
+                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, grad_hint=None) -> torch.Tensor:
+    """completion_logprobs [N, T] computed with one packed row per group (see packed_batch);
+    grad_hint as in head_logprobs."""
     batch, predict = packed_batch(model, group_inputs, group_size, completion_ids, completion_mask)
     out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, predict]  # [B, G*T, H]
     hidden = hidden.reshape(completion_ids.size(0), completion_ids.size(1), -1)
-    return head_logprobs(hidden, lm_head_weight(model), completion_ids)
+    return head_logprobs(hidden, lm_head_weight(model), completion_ids, grad_hint=grad_hint)
 
 
-def rollout_logprobs(model: Any, rollout: Rollout) -> torch.Tensor:
-    """log p(completion tokens) [N, T] under `model`: packed per group when possible, else plain."""
+def rollout_logprobs(model: Any, rollout: Rollout, *, grad_hint=None) -> torch.Tensor:
+    """log p(completion tokens) [N, T] under `model`: packed per group when possible, else plain.
+    `grad_hint` (see loss.ratio_one_grad_hint) only saves work, on the packed path."""
     if can_pack(model, rollout):
         return group_logprobs(model, rollout.group_inputs, rollout.group_size, rollout.completion_ids,
-                              rollout.completion_mask)
+                              rollout.completion_mask, grad_hint=grad_hint)
     return completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)

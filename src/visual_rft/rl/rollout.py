@@ -138,8 +138,13 @@ def unwrap_model(model: Any) -> Any:
 
 
 def lm_head_weight(model: Any) -> torch.Tensor | None:
-    """The output projection's weight when it is a plain bias-free Linear (else None: use logits)."""
-    head = unwrap_model(model).get_output_embeddings()
+    """The output projection's weight when logits are exactly hidden @ weight.T (a plain bias-free
+    Linear, no logit scaling or soft-capping); else None, and callers use the model's logits."""
+    base = unwrap_model(model)
+    head = base.get_output_embeddings()
+    text = base.config.get_text_config()
+    if any(getattr(text, key, None) is not None for key in ("final_logit_softcapping", "logit_scale")):
+        return None
     if type(head) is torch.nn.Linear and head.bias is None:
         return head.weight
     return None

@@ -19,8 +19,8 @@ from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, mak
                               slot_seed, step_indices, total_steps)
 from visual_rft.rewards import RewardSet, resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages, group_reward_std
-from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean
 from visual_rft.rl.fast import generate_grouped, rollout_logprobs
+from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean, ratio_one_grad_hint
 from visual_rft.rl.rollout import Rollout, repeat_inputs
 from visual_rft.runlog import PhaseTimer, RunLog
 from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
@@ -98,12 +98,17 @@ class GRPOTrainer:
 
     def loss(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         mask = rollout.completion_mask
-        logp = rollout_logprobs(self.model, rollout)  # one packed row per group, chunked LM head
+        eps_high = self.g.epsilon_high if self.g.epsilon_high is not None else self.g.epsilon
+        adv = rollout.advantages.to(mask.device)
+        hint = None
+        if rollout.old_logp is None:  # dLoss/dlogp is known up front: the LM head's forward computes the gradients
+            hint = ratio_one_grad_hint(adv, rollout.ref_logp, mask, beta=self.g.beta, eps_low=self.g.epsilon,
+                                       eps_high=eps_high, loss_type=self.g.loss_type,
+                                       max_completion_length=self.g.max_completion_length)
+        logp = rollout_logprobs(self.model, rollout, grad_hint=hint)  # one packed row per group, chunked LM head
         # With one update per rollout the sampling policy is the current one: the ratio is 1 and
         # only its gradient matters, so the detached log-probs stand in for a second forward pass.
         old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-        eps_high = self.g.epsilon_high if self.g.epsilon_high is not None else self.g.epsilon
-        adv = rollout.advantages.to(logp.device)
         per_token, clipped = clipped_surrogate(logp, old, adv, self.g.epsilon, eps_high)
         stats = {"clip_frac": masked_mean(clipped, mask).item()}
         if rollout.ref_logp is not None:
