@@ -259,3 +259,19 @@ def test_gradient_checkpointing_still_backpropagates(tiny_dir, lora):
 def test_mismatched_images_and_prompts(loaded):
     with pytest.raises(ValueError, match="one image per prompt"):
         build_model_inputs(loaded[1], _images(1), PROMPTS)
+
+
+def test_auto_attention_picks_flash_only_where_it_can_run(monkeypatch):
+    import importlib.util
+
+    from visual_rft.models import resolve_attention
+
+    assert resolve_attention("eager", "cuda", torch.bfloat16) == "eager"  # an explicit choice passes through
+    assert resolve_attention(None, "cpu", torch.float32) is None
+    real_find = importlib.util.find_spec
+    for installed in (False, True):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if installed else None) if name == "flash_attn" else real_find(name, *a))
+        assert resolve_attention("auto", "cpu", torch.bfloat16) == "sdpa"
+        assert resolve_attention("auto", "cuda", torch.float32) == "sdpa"  # flash-attention is half precision only
+        assert resolve_attention("auto", "cuda", torch.bfloat16) == ("flash_attention_2" if installed else "sdpa")

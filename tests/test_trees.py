@@ -117,3 +117,40 @@ def test_spec_options(photos):
     assert len(trees.trees_from_spec("trees?tile=112&empty=1")) == 635
     with pytest.raises(DataError, match="unknown option 'size'"):
         trees.trees_from_spec("trees?size=3")
+
+
+def test_fewshot_cli_for_detection_samples_k_queries_per_category(tmp_path, capsys):
+    from visual_rft.cli import main
+    from visual_rft.data.loaders import load_records
+
+    try:
+        trees.tree_photos()
+    except DataError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "k3"
+    assert main(["data", "fewshot", "embedded:trees::train?tile=56", str(out), "--k", "3", "--task", "detection"]) == 0
+    chosen = load_records(str(out / "data.jsonl"))
+    assert len(chosen) == 3 and {r.fields["category"] for r in chosen} == {"tree"}  # one category: 3 tiles
+    assert all(r.fields["boxes"] for r in chosen)  # the boxes travel with the written split
+    capsys.readouterr()
+    # classification's class key does not exist on detection records: a clear error, not a crash
+    assert main(["data", "fewshot", "embedded:trees::train?tile=56", str(tmp_path / "bad"), "--k", "3"]) == 2
+    assert "label" in capsys.readouterr().err
+
+
+def test_pixel_boxes_with_a_square_resize_are_refused_early(tmp_path):
+    from visual_rft.config import ConfigError, load_config
+    from visual_rft.runtime import load_split
+
+    try:
+        trees.tree_photos()
+    except DataError as exc:
+        pytest.skip(str(exc))
+    spec = "embedded:trees::test?tile=56&box_space=pixels"
+    cfg = load_config(None, ["task.name=detection", f"data.eval={spec}", "data.image_size=28"])
+    with pytest.raises(ConfigError, match=r"'pixels' of a 56x56 frame.*data.image_size=28"):
+        load_split(cfg, "eval")
+    cfg.data.image_size = 56  # the tiles' own size: nothing moves
+    assert load_split(cfg, "eval")[0].fields["box_space"] == "pixels"
+    relative = load_config(None, ["task.name=detection", "data.eval=embedded:trees::test?tile=56", "data.image_size=28"])
+    assert load_split(relative, "eval")  # 0-1000 boxes survive any resize

@@ -41,7 +41,9 @@ class ModelConfig:
     name_or_path: str = "runs/tiny-model"  # local directory or hub id of the policy
     dtype: str = "auto"  # auto = fp32 on CPU, bf16 on GPU; or float32 / bfloat16 / float16
     device: str = "auto"  # auto = cuda when available, else cpu
-    attn_implementation: Optional[str] = None  # e.g. sdpa, flash_attention_2; None = library default
+    # auto = flash_attention_2 on a GPU in bf16/fp16 where flash-attn is installed, else sdpa (packed
+    # group scoring needs sdpa or eager: under flash-attention scoring runs one row per completion)
+    attn_implementation: Optional[str] = "auto"
     freeze_vision: bool = False  # keep the vision tower fixed
     gradient_checkpointing: bool = False  # trade compute for activation memory
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -7,6 +7,7 @@ the real one.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -194,8 +195,20 @@ def _apply_lora(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module
     return get_peft_model(model, config)
 
 
+def resolve_attention(requested: str | None, device, dtype: torch.dtype) -> str | None:
+    """`auto`: flash-attention 2 where it can run (CUDA, half precision, flash_attn installed), else
+    SDPA (which picks its own fused kernel on GPUs). Anything else passes through to transformers."""
+    if requested != "auto":
+        return requested
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def _load_model(name_or_path: str, dtype: str, device, attn_implementation: str | None):
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device)}
+    attn_implementation = resolve_attention(attn_implementation, device, kwargs["dtype"])
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(_resolve_source(name_or_path)[0], **kwargs)

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from visual_rft.config import Config
+from visual_rft.config import Config, ConfigError
 from visual_rft.data.check import check_records, checked
 from visual_rft.data.loaders import load_records
 from visual_rft.data.record import Record
@@ -30,10 +30,25 @@ def load_split(cfg: Config, which: str = "train") -> list[Record]:
     records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit)
     if not records:
         raise ValueError(f"data.{which} ({path}) has no records")
+    _check_pixel_boxes(records, cfg.data.image_size, f"data.{which} ({path})")
     if cfg.data.check:
         records = checked(records, cfg.task.name, cfg.data.on_bad_record, f"data.{which} ({path})",
                           max_pixels=cfg.data.max_image_pixels)
     return records
+
+
+def _check_pixel_boxes(records: list[Record], size: int | None, where: str) -> None:
+    """Boxes in absolute pixels are tied to one frame; a square resize (data.image_size) moves them.
+    Relative spaces (qwen2vl 0-1000, normalized) survive any resize, so only `pixels` is checked."""
+    if not size:
+        return
+    for record in records:
+        frame = record.fields.get("image_size")
+        if record.fields.get("box_space") == "pixels" and frame and tuple(frame) != (size, size):
+            raise ConfigError(
+                f"{where} {record.source}: boxes are in 'pixels' of a {frame[0]}x{frame[1]} frame, but "
+                f"data.image_size={size} resizes every image to {size}x{size}, which would misplace them; "
+                "use box_space=qwen2vl or normalized (relative), or leave data.image_size unset")
 
 
 def check_data(cfg: Config) -> dict[str, Any]:

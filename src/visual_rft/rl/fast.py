@@ -108,7 +108,7 @@ def generate_grouped(
     top_p: float = 1.0,
     top_k: int = 0,
     suppress_ids: list[int] | None = None,
-    sampler: str = "inverse_cdf",
+    sampler: str | None = None,
     logits_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`generate` on the prompts repeated `group_size` times in a row, with each prompt prefilled once.
@@ -117,6 +117,7 @@ def generate_grouped(
     warpers, argmax or a draw from the softmax; finished rows emit padding; it stops when every row
     has finished. The draw is by inverse CDF (same distribution, far cheaper on CPU); with
     sampler="multinomial" it is transformers' own, and one RNG state gives the very same tokens.
+    The default is the inverse CDF on CPU and multinomial elsewhere (fast on GPUs, no float64 scan).
     Only the explicit settings apply: sampling defaults stored in a checkpoint's generation_config
     (repetition_penalty, a default top_k) are not picked up.
     `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
@@ -138,13 +139,14 @@ def generate_grouped(
     position = prompt[1].repeat_interleave(group_size)
     rows = attention.size(0)
     head_t = _decode_head(model)
+    default_sampler = "inverse_cdf" if logits.device.type == "cpu" else "multinomial"
     unfinished = torch.ones(rows, dtype=torch.long, device=logits.device)
     tokens = torch.empty(rows, 0, dtype=torch.long, device=logits.device)
     for step in range(max_new_tokens):
         if logits_out is not None:
             logits_out.append(logits)
         scores = logits.index_fill(1, suppress, -float("inf")) if suppress.numel() else logits
-        nxt = _draw(warpers(tokens, scores), temperature > 0, sampler)
+        nxt = _draw(warpers(tokens, scores), temperature > 0, sampler or default_sampler)
         nxt = nxt * unfinished + pad * (1 - unfinished)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         unfinished = unfinished & ~torch.isin(nxt, eos)

