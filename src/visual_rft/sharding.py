@@ -27,6 +27,16 @@ def is_sharded(weight: torch.Tensor) -> bool:
     return type(weight).__name__ == "DTensor"
 
 
+def under_fsdp(model: Any) -> bool:
+    """True when `model` is, or contains, an FSDP unit. FSDP-1 with use_orig_params leaves a rank's
+    slice of a weight outside forward, sometimes as a 1-D view holding every value of a small tensor,
+    which no shape or size test can tell from a weight reliably; hence this structural test."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in modules)
+
+
 def zero_stage(accelerator: Any) -> int:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else 0

@@ -13,7 +13,7 @@ import torch
 
 from visual_rft.data.record import Record
 from visual_rft.rl.loss import head_logprobs, token_logprobs
-from visual_rft.sharding import is_sharded
+from visual_rft.sharding import is_sharded, under_fsdp
 
 
 @dataclass
@@ -147,9 +147,11 @@ def lm_head_weight(model: Any) -> torch.Tensor | None:
     text = base.config.get_text_config()
     if any(getattr(text, key, None) is not None for key in ("final_logit_softcapping", "logit_scale")):
         return None
-    if type(head) is torch.nn.Linear and head.bias is None and not is_sharded(head.weight):
-        return head.weight
-    return None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if is_sharded(head.weight) or head.weight.shape != (head.out_features, head.in_features) or under_fsdp(model):
+        return None
+    return head.weight
 
 
 def completion_logprobs(model: Any, prompt_inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
