@@ -8,10 +8,7 @@ import os
 import sys
 
 from visual_rft.config import ConfigError, load_config
-
-# `data fewshot --task`: the record field that names a class. Detection records are one query per
-# (image, category present), so k per category = k images per category, as the paper builds its data.
-FEWSHOT_CLASS_KEY = {"classification": "label", "detection": "category"}
+from visual_rft.tasks import CLASS_KEY
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="output directory (data.jsonl + images/)")
     q.add_argument("--k", type=int, required=True)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--task", choices=sorted(FEWSHOT_CLASS_KEY), default="classification",
+    q.add_argument("--task", choices=sorted(CLASS_KEY), default="classification",
                    help="what a class is: the label (classification) or the queried category (detection)")
     q.add_argument("--label-key", default=None, help="record field that names the class (overrides --task)")
     q = data_sub.add_parser("check", help="check every record of the configured splits (exit 1 if any is bad)")
@@ -100,7 +97,7 @@ def run(args: argparse.Namespace) -> object:
         return check_data(load_config(path, overrides))
     if args.command == "data":
         from visual_rft.data.fewshot import fewshot_command
-        return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key or FEWSHOT_CLASS_KEY[args.task])
+        return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key or CLASS_KEY[args.task])
     if args.command == "report":
         from visual_rft.report import report_command
         return report_command(args.runs, args.out)

@@ -25,20 +25,28 @@ from visual_rft.data.record import Record
 from visual_rft.evaluate import evaluate_model
 from visual_rft.models import build_tiny_model
 from visual_rft.report import write_report
+from visual_rft.report_plots import moving_average
 from visual_rft.rewards import resolve_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl
 from visual_rft.runtime import load_policy, load_split, make_accelerator
 from visual_rft.sft import sft_target, train_sft
+from visual_rft.tasks import CLASS_KEY
 from visual_rft.tasks.prompts import build_prompt
 
-# Per dataset: the task it needs, what a held-out item is called, what a k-shot class is, and the
-# held-out metrics that go into the table / results.json (the digits' keys are kept as they were).
+# Per dataset: the task it needs, what a held-out item and a k-shot unit are called, the held-out
+# metrics that go into results.json (the digits' keys are kept as they were), the table's columns
+# (title, metric) and the metrics drawn as bars.
 DATASETS = {
-    "mnist": {"task": "classification", "items": "digits", "label_key": "label",
-              "metrics": ("accuracy", "format_rate", "parse_failure_rate")},
-    "trees": {"task": "detection", "items": "tree tiles", "label_key": "category",
-              "metrics": ("mAP", "AP50", "AP75", "iou", "confidence", "format_rate", "parse_failure_rate")},
+    "mnist": {"task": "classification", "items": "digits", "k_unit": "per class",
+              "metrics": ("accuracy", "format_rate", "parse_failure_rate"),
+              "columns": (("accuracy", "accuracy"), ("format", "format_rate"), ("unparsed", "parse_failure_rate")),
+              "bars": ("accuracy",)},
+    "trees": {"task": "detection", "items": "tree tiles", "k_unit": "tiles",
+              "metrics": ("mAP", "AP50", "AP75", "iou", "confidence", "format_rate", "parse_failure_rate"),
+              "columns": (("mAP", "mAP"), ("AP50", "AP50"), ("iou rwd", "iou"), ("format", "format_rate"),
+                          ("unparsed", "parse_failure_rate")),
+              "bars": ("mAP", "AP50")},
 }
 
 
@@ -74,7 +82,7 @@ def _tree_splits(cfg: Config) -> dict[str, list[Record]]:
     splits = split_records(train, {"warmup": d.warmup_records, "pool": d.pool_records}, seed=d.seed,
                            stratify_key="photo")
     pool = splits.pop("pool") or splits["warmup"]
-    splits["kshot"] = sample_k_shot(pool, d.k, seed=d.seed, label_key="category")
+    splits["kshot"] = sample_k_shot(pool, d.k, seed=d.seed, label_key=CLASS_KEY[cfg.task.name])
     splits["test"] = test[:d.test_records]
     return splits
 
@@ -185,15 +193,10 @@ def _reward_trend(path: Path, names: list[str], window: int = 10) -> dict[str, d
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    dataset = summary.get("dataset", "mnist")
-    items, label = DATASETS[dataset]["items"], ("per class" if dataset == "mnist" else "tiles")
-    lines = [f"held-out {items}: {summary['test_records']}   k-shot: {summary['k_shot']} {label} "
+    spec = DATASETS[summary.get("dataset", "mnist")]
+    lines = [f"held-out {spec['items']}: {summary['test_records']}   k-shot: {summary['k_shot']} {spec['k_unit']} "
              f"({summary['kshot_records']} images)   seed {summary['seed']}"]
-    if dataset == "mnist":
-        columns = (("accuracy", "accuracy"), ("format", "format_rate"), ("unparsed", "parse_failure_rate"))
-    else:
-        columns = (("mAP", "mAP"), ("AP50", "AP50"), ("iou rwd", "iou"), ("format", "format_rate"),
-                   ("unparsed", "parse_failure_rate"))
+    columns = spec["columns"]
     lines.append(f"{'model':<6}" + "".join(f" {title:>9}" for title, _ in columns))
     for name, row in summary["models"].items():
         lines.append(f"{name:<6}" + "".join(f" {row[key]:>9.3f}" for _, key in columns))
@@ -217,12 +220,12 @@ def plot_demo(out: Path, cfg: Config) -> Path:
     steps = [r["step"] for r in rft]
     for name in cfg.task.rewards:
         if f"reward/{name}_mean" in (rft[0] if rft else {}):
-            axes[0].plot(steps, _smooth([r[f"reward/{name}_mean"] for r in rft]), label=f"{name} reward")
+            axes[0].plot(steps, moving_average([r[f"reward/{name}_mean"] for r in rft], 10), label=f"{name} reward")
     axes[0].set(title="Visual-RFT: training reward (k-shot, smoothed)", xlabel="step", ylim=(0, 1.05))
     axes[0].legend()
     axes[1].plot([r["step"] for r in sft], [r["loss"] for r in sft])
     axes[1].set(title="SFT: training loss (k-shot)", xlabel="step")
-    _metric_bars(axes[2], out, ("accuracy",) if cfg.demo.dataset == "mnist" else ("mAP", "AP50"))
+    _metric_bars(axes[2], out, DATASETS[cfg.demo.dataset]["bars"])
     fig.tight_layout()
     path = out / "demo.png"
     fig.savefig(path, dpi=100)
@@ -242,8 +245,3 @@ def _metric_bars(ax: Any, out: Path, keys: tuple[str, ...]) -> None:
         ax.bar_label(bars, fmt=f"{key + ' ' if len(keys) > 1 else ''}%.3f", fontsize=8)
     ax.set_xticks(range(len(names)), names)
     ax.set(title="held-out " + " / ".join(keys), ylim=(0, 1))
-
-
-def _smooth(values: list[float], window: int = 10) -> list[float]:
-    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-            for i in range(len(values))]
