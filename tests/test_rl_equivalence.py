@@ -8,11 +8,12 @@ LM head (rollout_logprobs), and prefill-once generation (generate_grouped).
 import pytest
 import torch
 
-import visual_rft.rl.loss as loss_module
+import visual_rft.rl.lm_head as lm_head_module
 from visual_rft.data.embedded import mnist_records
 from visual_rft.models import build_model_inputs, vision_token_ids
 from visual_rft.rl.fast import can_pack, generate_grouped, inverse_cdf, packing_pays, rollout_logprobs
-from visual_rft.rl.loss import aggregate, clipped_surrogate, head_logprobs, k3_kl, ratio_one_grad_hint
+from visual_rft.rl.lm_head import head_logprobs
+from visual_rft.rl.loss import Objective, policy_loss, ratio_one_grad_hint
 from visual_rft.rl.rollout import Rollout, completion_logprobs, generate, repeat_inputs, scoring_inputs
 from visual_rft.tiny_model import make_tiny_model
 
@@ -69,10 +70,11 @@ def _naive_logprobs(model, rollout):
     return torch.log_softmax(logits.float(), -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
 
 
+OBJECTIVE = Objective(loss_type="grpo", beta=0.04, eps_low=0.2, eps_high=0.2, max_completion_length=7)
+
+
 def _grpo_loss(logp, rollout, ref_logp, advantages):
-    per_token, _ = clipped_surrogate(logp, logp.detach(), advantages, 0.2, 0.2)
-    per_token = per_token + 0.04 * k3_kl(logp, ref_logp)
-    return aggregate(per_token, rollout.completion_mask, "grpo", rollout.completion_ids.size(1))
+    return policy_loss(logp, logp.detach(), ref_logp, advantages, rollout.completion_mask, OBJECTIVE)[0]
 
 
 def _loss_and_grads(model, logprobs_fn, rollout, ref_logp, advantages, scale=1.0):
@@ -102,8 +104,8 @@ def test_head_logprobs_value_and_gradients_match_log_softmax():
 def test_fast_scoring_gives_the_same_loss_and_gradients(tiny, monkeypatch):
     model, processor, group = tiny
     scales = []  # what each backward made of the hint: a scale (gradients taken from the forward) or None
-    hint_scale = loss_module._hint_scale
-    monkeypatch.setattr(loss_module, "_hint_scale", lambda p, a: scales.append(hint_scale(p, a)) or scales[-1])
+    hint_scale = lm_head_module._hint_scale
+    monkeypatch.setattr(lm_head_module, "_hint_scale", lambda p, a: scales.append(hint_scale(p, a)) or scales[-1])
     model.train()
     rollout = _fixed_rollout(model, processor, group)
     assert can_pack(model, rollout)  # the packed path is the one under test
@@ -117,10 +119,8 @@ def test_fast_scoring_gives_the_same_loss_and_gradients(tiny, monkeypatch):
     assert torch.allclose(fast[mask], naive[mask], atol=1e-5)
     assert torch.allclose(plain[mask], naive[mask], atol=1e-5)
     loss_naive, grads_naive = _loss_and_grads(model, _naive_logprobs, rollout, ref_logp, advantages)
-    hint = ratio_one_grad_hint(advantages, ref_logp, rollout.completion_mask, beta=0.04, eps_low=0.2, eps_high=0.2,
-                               loss_type="grpo", max_completion_length=rollout.completion_ids.size(1))
-    wrong = ratio_one_grad_hint(advantages, None, rollout.completion_mask, beta=0.04, eps_low=0.2, eps_high=0.2,
-                                loss_type="dapo", max_completion_length=rollout.completion_ids.size(1))
+    hint = ratio_one_grad_hint(advantages, ref_logp, rollout.completion_mask, OBJECTIVE)
+    wrong = ratio_one_grad_hint(advantages, None, rollout.completion_mask, Objective(loss_type="dapo", beta=0.04))
     for name, fn, scale, used in [
         ("packed", rollout_logprobs, 1.0, []),
         ("packed + gradients in the forward", lambda m, r: rollout_logprobs(m, r, grad_hint=hint), 0.5, [0.5]),

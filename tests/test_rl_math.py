@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from visual_rft.rl.advantages import group_advantages, group_reward_std
-from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean, token_logprobs
+from visual_rft.rl.lm_head import token_logprobs
+from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean
 
 
 def test_group_advantages_by_hand():
@@ -43,10 +44,9 @@ def test_token_logprobs_matches_log_softmax_and_chunking_is_invisible():
 
 
 def test_clipped_surrogate_by_hand():
-    logp = torch.log(torch.tensor([[1.5, 1.0, 0.5], [1.1, 0.7, 1.3]]))
-    old = torch.zeros(2, 3)  # ratios are exactly the numbers above
+    log_ratio = torch.log(torch.tensor([[1.5, 1.0, 0.5], [1.1, 0.7, 1.3]]))  # ratios are exactly these numbers
     adv = torch.tensor([1.0, -2.0])
-    loss, clipped = clipped_surrogate(logp, old, adv, 0.2, 0.2)
+    loss, clipped = clipped_surrogate(log_ratio, adv, 0.2, 0.2)
     # A>0: -min(r, clip(r)) -> r=1.5 clipped to 1.2; r=0.5 stays (min picks the unclipped 0.5)
     # A<0: -min(-2r, -2clip(r)) -> r=1.1 stays; r=0.7 clipped up to 0.8 -> -2*0.8 is larger, min keeps -1.4
     assert torch.allclose(loss, torch.tensor([[-1.2, -1.0, -0.5], [2.2, 1.6, 2.6]]))

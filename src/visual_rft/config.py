@@ -91,10 +91,10 @@ class GRPOConfig:
     grad_accum_steps: int = 2  # micro-batches per optimiser step
     num_epochs: float = 1.0  # passes over the training split
     max_steps: int = -1  # stop after this many optimiser steps (-1 = from num_epochs)
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    learning_rate: float = 1e-6  # AdamW peak learning rate (the paper's 2B runs use 1e-6)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
     max_grad_norm: float = 1.0  # gradient clipping; <= 0 disables
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_ratio: float = 0.0  # fraction of steps with linear warm-up
@@ -102,15 +102,30 @@ class GRPOConfig:
     epsilon: float = 0.2  # lower clip range of the ratio
     epsilon_high: Optional[float] = None  # upper clip range (DAPO clip-higher); None = epsilon
     num_iterations: int = 1  # policy updates per rollout batch (mu)
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"  # how token losses are averaged
+    # how token losses are averaged: grpo = per completion, then over completions; dr_grpo = sum /
+    # (completions x max_completion_length); dapo = over all tokens of the optimiser step
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence = GSPO's sequence-level ratio
     scale_rewards: bool = True  # divide advantages by the group std (False = Dr. GRPO)
-    temperature: float = 1.0  # sampling temperature
-    top_p: float = 1.0
+    # completions no reward could score (every reward returned None): reward 0 like any failure, or
+    # left out of their group's mean/std with advantage 0 (TRL's behaviour)
+    unscorable: Literal["zero", "exclude"] = "zero"
+    skip_zero_variance_groups: bool = False  # leave groups whose rewards are all equal out of the loss
+    mask_truncated_completions: bool = False  # leave completions cut at max_completion_length out of the loss
+    # auto = the shortcuts (prefill once per group, packed scoring, chunked LM head with gradients in
+    # the forward) wherever the model allows them; off = plain transformers generate + full-logits
+    # scoring, to check a number against. Which path ran is logged every step (fast/*).
+    fast: Literal["auto", "off"] = "auto"
+    # token draw while sampling: auto = inverse CDF on CPU (cheap over a large vocabulary, same
+    # distribution), multinomial on GPU; multinomial = transformers' own draw (needs nothing else)
+    sampler: Literal["auto", "multinomial", "inverse_cdf"] = "auto"
+    temperature: float = 1.0  # sampling temperature; log-probs are scored from logits / temperature too
+    top_p: float = 1.0  # nucleus sampling mass (1 = off); not reflected in the scored log-probs, as in TRL
     top_k: int = 0  # 0 = off
     max_prompt_length: int = 1024  # prompts longer than this are an error (images must not be cut)
     max_completion_length: int = 256  # new tokens per completion
     max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
-    seed: int = 42
+    seed: int = 42  # data order, sampling (per step and micro-batch slot) and initialisation
 
 
 @dataclass
@@ -324,6 +339,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("grpo.beta must be >= 0 and grpo.epsilon / epsilon_high > 0")
     if g.temperature <= 0:
         raise ConfigError(f"grpo.temperature must be > 0 for sampling, got {g.temperature}")
+    if g.sampler == "inverse_cdf" and g.fast == "off":
+        raise ConfigError("grpo.sampler=inverse_cdf needs grpo.fast=auto (with fast=off, transformers' "
+                          "generate samples, which draws by multinomial)")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"grpo.top_p must be in (0, 1], got {g.top_p}")
     weights = cfg.task.reward_weights

@@ -63,13 +63,20 @@ class RewardSet:
 
     def score(self, completions: list[str], columns: dict[str, list]) -> dict[str, list[float]]:
         """Score every component; None (not applicable) and non-finite values count as 0."""
-        scores = {}
+        return self.score_and_applicability(completions, columns)[0]
+
+    def score_and_applicability(self, completions: list[str],
+                                columns: dict[str, list]) -> tuple[dict[str, list[float]], list[bool]]:
+        """`score`, and for each completion whether any reward applied to it (returned a value, not
+        None): GRPO can leave the unscorable ones out of their group's statistics (grpo.unscorable)."""
+        scores, scorable = {}, [False] * len(completions)
         for name, fn in zip(self.names, self.functions):
             values = fn(completions, **columns)
             if len(values) != len(completions):
                 raise ValueError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
             scores[name] = [float(v) if v is not None and math.isfinite(v) else 0.0 for v in values]
-        return scores
+            scorable = [seen or v is not None for seen, v in zip(scorable, values)]
+        return scores, scorable
 
     def total(self, scores: dict[str, list[float]]) -> list[float]:
         n = len(next(iter(scores.values())))

@@ -18,7 +18,7 @@ import torch
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from visual_rft.rl.loss import head_logprobs
+from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
                                    lm_head_weight, repeat_inputs, unwrap_model)
 
@@ -67,6 +67,20 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.minimum(picked, last)
 
 
+def default_sampler(device: torch.device | str) -> str:
+    """inverse CDF on CPU (far cheaper there), multinomial elsewhere (fast on GPUs, no float64 scan)."""
+    return "inverse_cdf" if torch.device(device).type == "cpu" else "multinomial"
+
+
+def prefill_once_blocker(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int) -> str | None:
+    """Why `generate_grouped` cannot prefill each prompt once for this model and batch (None: it can)."""
+    if group_size == 1:
+        return "groups of one completion have nothing to share"
+    if prompt_positions(model, group_inputs) is None:
+        return "the model has no Qwen-VL get_rope_index to continue the prompt's positions"
+    return None
+
+
 def _draw(scores: torch.Tensor, sampling: bool, sampler: str) -> torch.Tensor:
     if not sampling:
         return torch.argmax(scores, dim=-1)
@@ -109,6 +123,7 @@ def generate_grouped(
     top_k: int = 0,
     suppress_ids: list[int] | None = None,
     sampler: str | None = None,
+    prefill_once: bool = True,
     logits_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`generate` on the prompts repeated `group_size` times in a row, with each prompt prefilled once.
@@ -117,13 +132,14 @@ def generate_grouped(
     warpers, argmax or a draw from the softmax; finished rows emit padding; it stops when every row
     has finished. The draw is by inverse CDF (same distribution, far cheaper on CPU); with
     sampler="multinomial" it is transformers' own, and one RNG state gives the very same tokens.
-    The default is the inverse CDF on CPU and multinomial elsewhere (fast on GPUs, no float64 scan).
+    The default is `default_sampler`. `prefill_once=False` (grpo.fast=off), or a model or batch the
+    shortcut does not fit (prefill_once_blocker), runs transformers' generate instead.
     Only the explicit settings apply: sampling defaults stored in a checkpoint's generation_config
     (repetition_penalty, a default top_k) are not picked up.
     `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
     """
-    prompt = prompt_positions(model, group_inputs)
-    if prompt is None or group_size == 1:  # nothing to share, or positions this code cannot continue
+    prompt = prompt_positions(model, group_inputs) if prefill_once and group_size > 1 else None
+    if prompt is None:  # switched off, nothing to share, or positions this code cannot continue
         return generate(model, tokenizer, repeat_inputs(group_inputs, group_size), max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
     out = model(**group_inputs, use_cache=True, logits_to_keep=1)
@@ -139,14 +155,14 @@ def generate_grouped(
     position = prompt[1].repeat_interleave(group_size)
     rows = attention.size(0)
     head_t = _decode_head(model)
-    default_sampler = "inverse_cdf" if logits.device.type == "cpu" else "multinomial"
+    sampler = sampler or default_sampler(logits.device)
     unfinished = torch.ones(rows, dtype=torch.long, device=logits.device)
     tokens = torch.empty(rows, 0, dtype=torch.long, device=logits.device)
     for step in range(max_new_tokens):
         if logits_out is not None:
             logits_out.append(logits)
         scores = logits.index_fill(1, suppress, -float("inf")) if suppress.numel() else logits
-        nxt = _draw(warpers(tokens, scores), temperature > 0, sampler or default_sampler)
+        nxt = _draw(warpers(tokens, scores), temperature > 0, sampler)
         nxt = nxt * unfinished + pad * (1 - unfinished)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         unfinished = unfinished & ~torch.isin(nxt, eos)
@@ -182,14 +198,24 @@ def packing_pays(model: Any, prompt_len: int, completion_len: int, group_size: i
     return packed < plain
 
 
-def can_pack(model: Any, rollout: Rollout) -> bool:
+def packing_blocker(model: Any, rollout: Rollout) -> str | None:
+    """Why a group cannot be scored as one packed row (None: it can, and it saves compute)."""
     if rollout.group_inputs is None or "mm_token_type_ids" not in rollout.group_inputs:
-        return False
-    if _attention_kind(model) not in _PACKABLE_ATTENTION or lm_head_weight(model) is None:
-        return False
-    base = getattr(unwrap_model(model), "model", None)
-    return hasattr(base, "get_rope_index") and packing_pays(
-        model, rollout.group_inputs["input_ids"].size(1), rollout.completion_ids.size(1), rollout.group_size)
+        return "the batch has no per-group prompt tensors with mm_token_type_ids"
+    if _attention_kind(model) not in _PACKABLE_ATTENTION:
+        return f"attention {_attention_kind(model)!r} takes no 4-D mask (packing needs sdpa or eager)"
+    if lm_head_weight(model) is None:
+        return "the LM head is not a plain, whole Linear (sharded, soft-capped or adapted)"
+    if not hasattr(getattr(unwrap_model(model), "model", None), "get_rope_index"):
+        return "the model has no Qwen-VL get_rope_index to continue the prompt's positions"
+    if not packing_pays(model, rollout.group_inputs["input_ids"].size(1), rollout.completion_ids.size(1),
+                        rollout.group_size):
+        return "one row per completion is cheaper here (long completions or groups of one)"
+    return None
+
+
+def can_pack(model: Any, rollout: Rollout) -> bool:
+    return packing_blocker(model, rollout) is None
 
 
 def _group_mask(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
@@ -243,20 +269,24 @@ def packed_batch(model: Any, group_inputs: dict[str, torch.Tensor], group_size: 
 
 
 def group_logprobs(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int,
-                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, grad_hint=None) -> torch.Tensor:
+                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, temperature: float = 1.0,
+                   grad_hint=None) -> torch.Tensor:
     """completion_logprobs [N, T] computed with one packed row per group (see packed_batch);
-    grad_hint as in head_logprobs."""
+    temperature and grad_hint as in head_logprobs."""
     batch, predict = packed_batch(model, group_inputs, group_size, completion_ids, completion_mask)
     out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, predict]  # [B, G*T, H]
     hidden = hidden.reshape(completion_ids.size(0), completion_ids.size(1), -1)
-    return head_logprobs(hidden, lm_head_weight(model), completion_ids, grad_hint=grad_hint)
+    return head_logprobs(hidden, lm_head_weight(model), completion_ids, temperature=temperature, grad_hint=grad_hint)
 
 
-def rollout_logprobs(model: Any, rollout: Rollout, *, grad_hint=None) -> torch.Tensor:
-    """log p(completion tokens) [N, T] under `model`: packed per group when possible, else plain.
-    `grad_hint` (see loss.ratio_one_grad_hint) only saves work, on the packed path."""
-    if can_pack(model, rollout):
+def rollout_logprobs(model: Any, rollout: Rollout, *, fast: bool = True, grad_hint=None) -> torch.Tensor:
+    """log p(completion tokens) [N, T] under `model`, from logits / rollout.temperature: packed per
+    group when possible, else one row per completion; `fast=False` (grpo.fast=off) always takes the
+    plain forward and the model's own logits. `grad_hint` (see loss.ratio_one_grad_hint) only saves
+    work, wherever the chunked LM head runs."""
+    if fast and can_pack(model, rollout):
         return group_logprobs(model, rollout.group_inputs, rollout.group_size, rollout.completion_ids,
-                              rollout.completion_mask, grad_hint=grad_hint)
-    return completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)
+                              rollout.completion_mask, temperature=rollout.temperature, grad_hint=grad_hint)
+    return completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask,
+                               temperature=rollout.temperature, chunked_head=fast, grad_hint=grad_hint)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from visual_rft.data.record import Record
-from visual_rft.rl.loss import head_logprobs, token_logprobs
+from visual_rft.rl.lm_head import head_logprobs, token_logprobs
 from visual_rft.sharding import is_sharded, under_fsdp
 
 
@@ -35,6 +35,17 @@ class Rollout:
     # prompt and image once instead of G times. None: only prompt_inputs is known.
     group_inputs: dict[str, torch.Tensor] | None = None
     group_size: int = 1
+    # The sampling temperature: every log-prob of these completions (policy, old policy, reference)
+    # is scored from logits / temperature, the distribution that actually drew them.
+    temperature: float = 1.0
+    truncated: torch.Tensor | None = None  # [N] bool, cut at max_completion_length without an EOS
+    scorable: torch.Tensor | None = None  # [N] bool, some reward applied (not None)
+    loss_mask: torch.Tensor | None = None  # [N, T], the tokens that train (completion_mask minus left-out rows)
+    zero_variance: torch.Tensor | None = None  # [N / group_size] bool, groups whose rewards are all equal
+    paths: dict[str, bool] = field(default_factory=dict)  # which shortcuts produced this rollout's numbers
+
+    def train_mask(self) -> torch.Tensor:
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -155,20 +166,22 @@ def lm_head_weight(model: Any) -> torch.Tensor | None:
 
 
 def completion_logprobs(model: Any, prompt_inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
-                        completion_mask: torch.Tensor) -> torch.Tensor:
-    """log p(completion token) under `model` [N, T], for completion positions only.
+                        completion_mask: torch.Tensor, *, temperature: float = 1.0,
+                        chunked_head: bool = True, grad_hint=None) -> torch.Tensor:
+    """log softmax(logits / temperature)[completion token] under `model` [N, T], completion positions only.
 
-    The forward goes through `model` itself (so DDP and PEFT see it) and returns the final hidden
-    states; the LM head then runs in row chunks (head_logprobs), so the [N, T, vocab] logits never
-    exist. Heads that are not a plain Linear (e.g. LoRA on lm_head) take the logits path.
+    The forward goes through `model` itself (so DDP and PEFT see it). With `chunked_head` it returns
+    the final hidden states and the LM head runs in row chunks (head_logprobs), so the [N, T, vocab]
+    logits never exist; heads that are not a plain Linear (e.g. LoRA on lm_head), and
+    chunked_head=False (grpo.fast=off), take the model's own logits. grad_hint: see head_logprobs.
     """
     batch = scoring_inputs(prompt_inputs, completion_ids, completion_mask)
     length = completion_ids.size(1)
-    weight = lm_head_weight(model)
+    weight = lm_head_weight(model) if chunked_head else None
     if weight is None:
         # The logits at position t predict token t+1, so the last T+1 positions cover every completion token.
         logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
-        return token_logprobs(logits, completion_ids)
+        return token_logprobs(logits, completion_ids, temperature=temperature)
     out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, -(length + 1):-1]  # the final (normed) hidden states
-    return head_logprobs(hidden, weight, completion_ids)
+    return head_logprobs(hidden, weight, completion_ids, temperature=temperature, grad_hint=grad_hint)

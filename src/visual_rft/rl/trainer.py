@@ -1,10 +1,11 @@
 """The GRPO loop. Each optimiser step reads top to bottom as named, timed phases:
-rollout -> reward -> reference -> old_policy -> update -> log/checkpoint."""
+rollout -> reward -> advantage -> reference -> old_policy -> update -> log/checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ from visual_rft.models import load_reference_model, vision_token_ids
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               slot_seed, step_indices, total_steps)
 from visual_rft.rewards import RewardSet, resolve_rewards, task_module
-from visual_rft.rl.advantages import group_advantages, group_reward_std
-from visual_rft.rl.fast import generate_grouped, rollout_logprobs
-from visual_rft.rl.loss import aggregate, clipped_surrogate, k3_kl, masked_mean, ratio_one_grad_hint
-from visual_rft.rl.rollout import Rollout, repeat_inputs
+from visual_rft.rl.advantages import group_advantages, group_reward_std, zero_variance_groups
+from visual_rft.rl.fast import (default_sampler, generate_grouped, packing_blocker, prefill_once_blocker,
+                                rollout_logprobs)
+from visual_rft.rl.loss import Objective, loss_units, policy_loss, ratio_one_grad_hint
+from visual_rft.rl.rollout import Rollout, eos_token_ids, lm_head_weight, repeat_inputs
 from visual_rft.runlog import PhaseTimer, RunLog
 from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
 from visual_rft.sharding import full_weights_for_generation
@@ -60,6 +62,9 @@ class GRPOTrainer:
             self.log.truncate_after(self.start_step)
         self.timer = PhaseTimer()
         self.guard = NonFiniteGuard(self.g.max_nonfinite_steps)
+        self.objective = Objective.from_config(self.g)
+        self.fast = self.g.fast == "auto"
+        self._explained: set[str] = set()  # shortcuts whose fallback reason was already printed
 
     @property
     def policy(self) -> Any:
@@ -71,69 +76,109 @@ class GRPOTrainer:
         g = self.g.num_generations
         group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
                                       max_prompt_length=self.g.max_prompt_length)
+        prefill = self.fast and self._shortcut("prefill_once", prefill_once_blocker(self.model, group, g))
+        sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(self.accelerator.device)
         with full_weights_for_generation(self.accelerator, self.model) as policy:  # ZeRO-3 / FSDP: gather once
             ids, mask, texts = generate_grouped(
                 policy, self.processor.tokenizer, group, g, max_new_tokens=self.g.max_completion_length,
                 temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
+                sampler=sampler, prefill_once=prefill,
             )
+            eos = torch.tensor(eos_token_ids(policy, self.processor.tokenizer), device=ids.device)
         records = [r for r in batch for _ in range(g)]
         prompts = [p for p in prompts for _ in range(g)]
-        return Rollout(records, prompts, repeat_inputs(group, g), ids, mask, texts, group_inputs=group, group_size=g)
+        rollout = Rollout(records, prompts, repeat_inputs(group, g), ids, mask, texts, group_inputs=group,
+                          group_size=g, temperature=self.g.temperature,
+                          truncated=~torch.isin(ids, eos).any(dim=1).cpu())
+        # Without prefill-once, transformers' generate draws by multinomial whatever the setting.
+        rollout.paths = {"prefill_once": prefill, "inverse_cdf": prefill and sampler == "inverse_cdf"}
+        return rollout
 
     def score(self, rollout: Rollout) -> None:
-        columns = columns_of(rollout.records)
-        rollout.scores = self.rewards.score(rollout.completions, columns)
-        rollout.rewards = torch.tensor(self.rewards.total(rollout.scores), dtype=torch.float32)
-        rollout.advantages = group_advantages(rollout.rewards, self.g.num_generations, scale=self.g.scale_rewards)
+        scores, scorable = self.rewards.score_and_applicability(rollout.completions, columns_of(rollout.records))
+        rollout.scores, rollout.scorable = scores, torch.tensor(scorable)
+        rollout.rewards = torch.tensor(self.rewards.total(scores), dtype=torch.float32)
+
+    def advantage(self, rollout: Rollout) -> None:
+        """Group advantages, and which completions train: all, or not those of zero-variance groups
+        (skip_zero_variance_groups) or cut at the length limit (mask_truncated_completions)."""
+        g = self.g.num_generations
+        scorable = rollout.scorable if self.g.unscorable == "exclude" else None
+        rollout.advantages = group_advantages(rollout.rewards, g, scale=self.g.scale_rewards, scorable=scorable)
+        rollout.zero_variance = zero_variance_groups(rollout.rewards, g, scorable)
+        keep = torch.ones(rollout.rewards.numel(), dtype=torch.bool)
+        if self.g.skip_zero_variance_groups:
+            keep &= ~rollout.zero_variance.repeat_interleave(g)
+        if self.g.mask_truncated_completions:
+            keep &= ~rollout.truncated
+        mask = rollout.completion_mask
+        rollout.loss_mask = mask * keep.to(mask.device, mask.dtype)[:, None]
 
     @torch.no_grad()
     def reference(self, rollout: Rollout) -> None:
+        if self._nothing_to_train(rollout):
+            return  # every row is left out of the loss: the KL term would be multiplied by 0
         if self.ref_model is not None:
-            rollout.ref_logp = rollout_logprobs(self.ref_model, rollout)
+            rollout.ref_logp = rollout_logprobs(self.ref_model, rollout, fast=self.fast)
         else:  # LoRA: the reference is the base model, i.e. the policy with its adapters switched off
             with self.policy.disable_adapter():
-                rollout.ref_logp = rollout_logprobs(self.model, rollout)
+                rollout.ref_logp = rollout_logprobs(self.model, rollout, fast=self.fast)
 
     @torch.no_grad()
     def old_policy(self, rollout: Rollout) -> None:
-        rollout.old_logp = rollout_logprobs(self.model, rollout)
+        rollout.old_logp = rollout_logprobs(self.model, rollout, fast=self.fast)
 
-    def loss(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = rollout.completion_mask
-        eps_high = self.g.epsilon_high if self.g.epsilon_high is not None else self.g.epsilon
-        adv = rollout.advantages.to(mask.device)
+    def loss(self, rollout: Rollout, normalizer: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = rollout.train_mask()
         hint = None
-        if rollout.old_logp is None:  # dLoss/dlogp is known up front: the LM head's forward computes the gradients
-            hint = ratio_one_grad_hint(adv, rollout.ref_logp, mask, beta=self.g.beta, eps_low=self.g.epsilon,
-                                       eps_high=eps_high, loss_type=self.g.loss_type,
-                                       max_completion_length=self.g.max_completion_length)
-        logp = rollout_logprobs(self.model, rollout, grad_hint=hint)  # one packed row per group, chunked LM head
+        packed = self.fast and self._shortcut("packed", packing_blocker(self.model, rollout))
+        if self.fast and rollout.old_logp is None:  # dLoss/dlogp is known up front: the LM head's forward computes the gradients
+            hint = ratio_one_grad_hint(rollout.advantages, rollout.ref_logp, mask, self.objective, normalizer)
+        rollout.paths.update(packed=packed, grad_hint=hint is not None and lm_head_weight(self.model) is not None)
+        logp = rollout_logprobs(self.model, rollout, fast=self.fast, grad_hint=hint)
         # With one update per rollout the sampling policy is the current one: the ratio is 1 and
         # only its gradient matters, so the detached log-probs stand in for a second forward pass.
         old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-        per_token, clipped = clipped_surrogate(logp, old, adv, self.g.epsilon, eps_high)
-        stats = {"clip_frac": masked_mean(clipped, mask).item()}
-        if rollout.ref_logp is not None:
-            kl = k3_kl(logp, rollout.ref_logp)
-            per_token = per_token + self.g.beta * kl
-            stats["kl"] = masked_mean(kl, mask).item()
-        return aggregate(per_token, mask, self.g.loss_type, self.g.max_completion_length), stats
+        return policy_loss(logp, old, rollout.ref_logp, rollout.advantages, mask, self.objective, normalizer)
 
     def update(self, rollouts: list[Rollout]) -> dict[str, float]:
         self.model.train()
         stats: list[dict[str, float]] = []
         losses = []
+        normalizer = self._loss_normalizer(rollouts)
         for i, rollout in enumerate(rollouts):
+            if self._nothing_to_train(rollout):
+                continue
             last = i == len(rollouts) - 1
             with self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext():
-                loss, s = self.loss(rollout)
+                loss, s = self.loss(rollout, normalizer)
                 self.accelerator.backward(loss / len(rollouts))
-            losses.append(loss.item())
-            stats.append(s)
+            losses.append(loss.item() / len(rollouts))
+            stats.append({k: v.item() for k, v in s.items()})
         clip = self.accelerator.clip_grad_norm_
         grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.scheduler, self.g.max_grad_norm, clip)
-        merged = {k: statistics.fmean(s[k] for s in stats) for k in stats[0]}
-        return {"loss": statistics.fmean(losses), "grad_norm": grad_norm, "stepped": stepped, **merged}
+        merged = {k: statistics.fmean(s[k] for s in stats) for k in stats[0]} if stats else {}
+        return {"loss": sum(losses), "grad_norm": grad_norm, "stepped": stepped, **merged}
+
+    def _loss_normalizer(self, rollouts: list[Rollout]) -> torch.Tensor:
+        """What each micro-batch's loss is divided by: the step's loss units (completions, or tokens
+        for dapo) over all micro-batches and processes, per micro-batch and process, so that the
+        micro-batches' averaged gradients equal those of one batch holding the whole step."""
+        units = sum(loss_units(r.train_mask(), self.g.loss_type, self.g.max_completion_length).cpu() for r in rollouts)
+        total = self.accelerator.reduce(torch.as_tensor(units, dtype=torch.float32, device=self.accelerator.device),
+                                        "sum")
+        return total / (len(rollouts) * self.accelerator.num_processes)
+
+    def _nothing_to_train(self, rollout: Rollout) -> bool:
+        """Every row left out of the loss; skipped only in one process (DDP needs every rank's backward)."""
+        return self.accelerator.num_processes == 1 and not bool(rollout.train_mask().any())
+
+    def _shortcut(self, name: str, blocker: str | None) -> bool:
+        """Whether a shortcut applies; the first time one does not, say why (once per run)."""
+        if blocker is not None and name not in self._explained and self.accelerator.is_main_process:
+            self._explained.add(name)
+            print(f"visual-rft: {name} shortcut off: {blocker}", file=sys.stderr)
+        return blocker is None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Path:
@@ -156,6 +201,9 @@ class GRPOTrainer:
             with self.timer.phase("reward"):
                 for r in rollouts:
                     self.score(r)
+            with self.timer.phase("advantage"):
+                for r in rollouts:
+                    self.advantage(r)
             if self.g.beta > 0:
                 with self.timer.phase("reference"):
                     for r in rollouts:
@@ -195,26 +243,37 @@ class GRPOTrainer:
 
     def _metrics(self, rollouts: list[Rollout], updates: list[dict[str, float]]) -> dict[str, float]:
         """Per-sample statistics gathered from every process, so the log describes the global batch."""
-        names = self.rewards.names
-        rows = []
+        columns = {"total": [], "length": [], "parse_failed": [], "unscorable": [], "truncated": [],
+                   "zero_variance_group": [], **{f"reward/{n}": [] for n in self.rewards.names}}
         for r in rollouts:
-            failed = [self.parse(t, mode=self.cfg.task.mode, **rec.columns()) is None
-                      for t, rec in zip(r.completions, r.records)]
-            rows.append(torch.stack([r.rewards, r.completion_mask.sum(1).float().cpu(), torch.tensor(failed).float(),
-                                     *[torch.tensor(r.scores[n]) for n in names]], dim=1))
-        table = self.accelerator.gather(torch.cat(rows).to(self.accelerator.device)).cpu()
-        total = table[:, 0]
+            columns["total"].append(r.rewards)
+            columns["length"].append(r.completion_mask.sum(1).float().cpu())
+            columns["parse_failed"].append(torch.tensor([self.parse(t, mode=self.cfg.task.mode, **rec.columns()) is None
+                                                         for t, rec in zip(r.completions, r.records)]).float())
+            columns["unscorable"].append((~r.scorable).float())
+            columns["truncated"].append(r.truncated.float())
+            columns["zero_variance_group"].append(r.zero_variance.float().repeat_interleave(r.group_size))
+            for name in self.rewards.names:
+                columns[f"reward/{name}"].append(torch.tensor(r.scores[name]))
+        local = torch.stack([torch.cat(v) for v in columns.values()], dim=1)
+        table = dict(zip(columns, self.accelerator.gather(local.to(self.accelerator.device)).cpu().unbind(1)))
+        total = table["total"]
         out: dict[str, float] = {"reward/total_mean": total.mean().item(),
                                  "reward/group_std": group_reward_std(total, self.g.num_generations).item()}
-        for i, name in enumerate(names):
-            values = table[:, 3 + i]
+        for name in self.rewards.names:
+            values = table[f"reward/{name}"]
             out[f"reward/{name}_mean"] = values.mean().item()
             out[f"reward/{name}_std"] = values.std().item() if values.numel() > 1 else 0.0
-        out["parse_failure_rate"] = table[:, 2].mean().item()
-        out["completion_length"] = table[:, 1].mean().item()
+        out["parse_failure_rate"] = table["parse_failed"].mean().item()
+        out["completion_length"] = table["length"].mean().item()
+        out["unscorable_frac"] = table["unscorable"].mean().item()
+        out["truncated_frac"] = table["truncated"].mean().item()
+        out["frac_reward_zero_std"] = table["zero_variance_group"].mean().item()  # TRL's name; per group
         last = updates[-1]
         reduced = self.accelerator.reduce(torch.tensor(list(last.values()), device=self.accelerator.device), "mean")
         out.update(dict(zip(last, reduced.tolist())))  # averaged over processes, like the gradients
+        for path in ("prefill_once", "inverse_cdf", "packed", "grad_hint"):  # which shortcuts ran (fraction of micro-batches)
+            out[f"fast/{path}"] = statistics.fmean(float(r.paths.get(path, False)) for r in rollouts)
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["skipped_steps_total"] = self.guard.total
         out.update(self.timer.pop())
