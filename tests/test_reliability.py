@@ -95,8 +95,8 @@ def _poisoned(trainer, bad_steps):
         calls["n"] += 1
         return update(rollouts)
 
-    def loss(rollout):
-        value, stats = original(rollout)
+    def loss(rollout, normalizer):
+        value, stats = original(rollout, normalizer)
         return (value * float("nan"), stats) if calls["n"] in bad_steps else (value, stats)
 
     trainer.update, trainer.loss = counting_update, loss

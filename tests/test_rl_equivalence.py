@@ -49,7 +49,7 @@ def tiny_vl():
     return _make("qwen2_vl")
 
 
-def _fixed_rollout(model, processor, group, length=7):
+def _fixed_rollout(model, processor, group, length=7, temperature=1.0):
     """Random completions in which some rows end early with EOS, followed by padding."""
     gen = torch.Generator().manual_seed(1)
     vocab = len(processor.tokenizer)
@@ -61,13 +61,15 @@ def _fixed_rollout(model, processor, group, length=7):
     mask = torch.ones_like(ids)
     mask[1, 4:], mask[5, 1:] = 0, 0
     return Rollout([None] * ids.size(0), [""] * ids.size(0), repeat_inputs(group, G), ids, mask, [""] * ids.size(0),
-                   group_inputs=group, group_size=G)
+                   group_inputs=group, group_size=G, temperature=temperature)
 
 
 def _naive_logprobs(model, rollout):
+    """The reference computation: a plain forward, all logits, divided by the sampling temperature."""
     batch = scoring_inputs(rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)
     logits = model(**batch, use_cache=False).logits[:, -rollout.completion_ids.size(1) - 1:-1]
-    return torch.log_softmax(logits.float(), -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+    logits = logits.float() / rollout.temperature
+    return torch.log_softmax(logits, -1).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
 
 
 OBJECTIVE = Objective(loss_type="grpo", beta=0.04, eps_low=0.2, eps_high=0.2, max_completion_length=7)
@@ -101,21 +103,26 @@ def test_head_logprobs_value_and_gradients_match_log_softmax():
             assert torch.allclose(g, w, atol=1e-6)
 
 
-def test_fast_scoring_gives_the_same_loss_and_gradients(tiny, monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_scoring_gives_the_same_loss_and_gradients(tiny, monkeypatch, temperature):
     model, processor, group = tiny
     scales = []  # what each backward made of the hint: a scale (gradients taken from the forward) or None
     hint_scale = lm_head_module._hint_scale
     monkeypatch.setattr(lm_head_module, "_hint_scale", lambda p, a: scales.append(hint_scale(p, a)) or scales[-1])
     model.train()
-    rollout = _fixed_rollout(model, processor, group)
+    rollout = _fixed_rollout(model, processor, group, temperature=temperature)
     assert can_pack(model, rollout)  # the packed path is the one under test
     advantages = torch.linspace(-1.0, 1.0, rollout.completion_ids.size(0))
     with torch.no_grad():
         naive = _naive_logprobs(model, rollout)
         ref_logp = naive - 0.05 * torch.arange(naive.size(1))  # a reference that differs from the policy
         fast = rollout_logprobs(model, rollout)
-        plain = completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)
+        plain = completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask,
+                                    temperature=temperature)
+        untempered = completion_logprobs(model, rollout.prompt_inputs, rollout.completion_ids, rollout.completion_mask)
     mask = rollout.completion_mask.bool()
+    if temperature != 1.0:  # the temperature matters: scoring without it is another distribution
+        assert (untempered[mask] - naive[mask]).abs().max() > 0.05
     assert torch.allclose(fast[mask], naive[mask], atol=1e-5)
     assert torch.allclose(plain[mask], naive[mask], atol=1e-5)
     loss_naive, grads_naive = _loss_and_grads(model, _naive_logprobs, rollout, ref_logp, advantages)
@@ -123,6 +130,7 @@ def test_fast_scoring_gives_the_same_loss_and_gradients(tiny, monkeypatch):
     wrong = ratio_one_grad_hint(advantages, None, rollout.completion_mask, Objective(loss_type="dapo", beta=0.04))
     for name, fn, scale, used in [
         ("packed", rollout_logprobs, 1.0, []),
+        ("grpo.fast=off: plain forward, model logits", lambda m, r: rollout_logprobs(m, r, fast=False), 1.0, []),
         ("packed + gradients in the forward", lambda m, r: rollout_logprobs(m, r, grad_hint=hint), 0.5, [0.5]),
         ("packed + a wrong hint (recomputed)", lambda m, r: rollout_logprobs(m, r, grad_hint=wrong), 1.0, [None]),
     ]:

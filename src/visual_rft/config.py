@@ -224,6 +224,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off / on / no / yes as a boolean
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in typing.get_args(tp)), value)
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
