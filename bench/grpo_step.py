@@ -198,6 +198,7 @@ def step_ours(trainer, monitor, batch):
         rollout = trainer.sample(batch)
     with monitor.phase("reward"):
         trainer.score(rollout)
+        trainer.advantage(rollout)
     with monitor.phase("reference"):
         trainer.reference(rollout)
     expected = len(batch) * trainer.g.num_generations * trainer.g.max_completion_length
