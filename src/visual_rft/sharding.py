@@ -5,7 +5,7 @@ tensors only inside its own forward. Two things in visual-rft need care:
 
 - generation runs hundreds of small forwards: gathering the weights once around the whole rollout
   (`full_weights_for_generation`) instead of once per decode step, as TRL does;
-- the chunked LM head (`rl.loss.head_logprobs`) multiplies by the head weight outside the module's
+- the chunked LM head (`rl.lm_head.head_logprobs`) multiplies by the head weight outside the module's
   forward, where a sharded weight is empty: `is_sharded` tells it to use the model's logits instead.
 """
 
