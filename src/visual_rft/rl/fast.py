@@ -18,9 +18,10 @@ import torch
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+from visual_rft.families import fast_paths, log_fallback_once
 from visual_rft.rl.loss import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
-                                   lm_head_weight, repeat_inputs, unwrap_model)
+                                   lm_head_weight, repeat_cache, repeat_inputs, unwrap_model)
 
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -122,13 +123,15 @@ def generate_grouped(
     (repetition_penalty, a default top_k) are not picked up.
     `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
     """
-    prompt = prompt_positions(model, group_inputs)
+    paths = fast_paths(model)  # the family's decision (families.py), logged once when it says no
+    log_fallback_once("prefill-once generation", paths.prefill_reason)
+    prompt = prompt_positions(model, group_inputs) if paths.prefill_once else None
     if prompt is None or group_size == 1:  # nothing to share, or positions this code cannot continue
         return generate(model, tokenizer, repeat_inputs(group_inputs, group_size), max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
     out = model(**group_inputs, use_cache=True, logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    cache.batch_repeat_interleave(group_size)
+    repeat_cache(cache, group_size, group_inputs["input_ids"].size(0))  # linear-attention states too
     logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
     del out
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=logits.device)
@@ -183,6 +186,10 @@ def packing_pays(model: Any, prompt_len: int, completion_len: int, group_size: i
 
 
 def can_pack(model: Any, rollout: Rollout) -> bool:
+    paths = fast_paths(model)  # e.g. no packing with recurrent layers: completions would share their state
+    if not paths.packed_scoring:
+        log_fallback_once("packed scoring", paths.packing_reason)
+        return False
     if rollout.group_inputs is None or "mm_token_type_ids" not in rollout.group_inputs:
         return False
     if _attention_kind(model) not in _PACKABLE_ATTENTION or lm_head_weight(model) is None:
