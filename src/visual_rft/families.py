@@ -30,6 +30,9 @@ class Family:
     box_space: str  # default answer box space: qwen2vl (0-1000 relative) or pixels (of the model input)
     box_reason: str  # why that default
     mrope: bool  # Qwen-VL-style 3-D positions (get_rope_index): the fast paths can continue them
+    # "module:Class" of an image processor to load explicitly, where AutoImageProcessor cannot find the PIL
+    # one without torchvision (transformers 5.17 marks SmolVLMImageProcessorPil as needing torchvision)
+    image_processor: str | None = None
 
 
 _QWEN_RELATIVE = "Qwen2-VL / Qwen3-VL grounding data is 0-1000 relative"
@@ -46,7 +49,8 @@ FAMILIES: dict[str, Family] = {
     "glm4v": Family("Glm4vProcessor", "qwen2vl", "GLM-4V answers boxes in 0-1000 relative coordinates", True),
     "internvl": Family("InternVLProcessor", "qwen2vl", "InternVL's grounding data is 0-1000 relative", False),
     "gemma3": Family("Gemma3Processor", "qwen2vl", "Gemma 3: " + _NO_CONVENTION, False),
-    "smolvlm": Family("SmolVLMProcessor", "qwen2vl", "SmolVLM: " + _NO_CONVENTION, False),
+    "smolvlm": Family("SmolVLMProcessor", "qwen2vl", "SmolVLM: " + _NO_CONVENTION, False,
+                      "transformers.models.smolvlm.image_processing_pil_smolvlm:SmolVLMImageProcessorPil"),
     "llava_onevision": Family("LlavaOnevisionProcessor", "qwen2vl", "LLaVA-OneVision: " + _NO_CONVENTION, False),
 }
 
@@ -110,6 +114,21 @@ def processor_class_for(model_type: str) -> type[ProcessorMixin] | None:
     if entry is None:
         return None
     return image_only(getattr(importlib.import_module("transformers"), entry.processor))
+
+
+def load_family_processor(path: str, model_type: str) -> ProcessorMixin:
+    """The family's processor from a checkpoint directory: its image-only class's from_pretrained, or,
+    where the family names its image processor, the same three steps with that one loaded directly."""
+    cls = processor_class_for(model_type)
+    name = FAMILIES[model_type].image_processor
+    if name is None:
+        return cls.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    module, attr = name.split(":")
+    image_processor = getattr(importlib.import_module(module), attr).from_pretrained(path)
+    processor_dict, kwargs = cls.get_processor_dict(path)
+    return cls.from_args_and_dict([image_processor, AutoTokenizer.from_pretrained(path)], processor_dict, **kwargs)
 
 
 def register_processors() -> None:

@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from visual_rft.families import (config_vision_token_ids, processor_class_for, processor_vision_tokens,
-                                 register_processors)
+from visual_rft.families import (config_vision_token_ids, load_family_processor, processor_class_for,
+                                 processor_vision_tokens, register_processors)
 from visual_rft.tiny_model import build_tiny_model  # noqa: F401  (public API lives here too)
 
 __all__ = [
@@ -106,8 +106,11 @@ def load_processor(name_or_path: str, config=None) -> ProcessorMixin:
     config = config if config is not None else _load_config(name_or_path)
     # Checkpoints name the stock processor class, whose video slot needs torchvision: load the known
     # families with their image-only subclass on every machine (one code path; videos are never used).
-    cls = processor_class_for(config.model_type) or AutoProcessor
-    processor = cls.from_pretrained(_resolve_source(name_or_path)[0])
+    source = _resolve_source(name_or_path)[0]
+    if processor_class_for(config.model_type) is not None:
+        processor = load_family_processor(source, config.model_type)
+    else:
+        processor = AutoProcessor.from_pretrained(source)
     if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
         raise ValueError(
             f"{name_or_path!r} gave a {type(processor).__name__}, not an image-text processor: the "

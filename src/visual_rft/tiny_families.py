@@ -148,7 +148,8 @@ def _smolvlm(ids, d):
 
     vision = {k: v for k, v in _siglip(d, 56).items() if k != "model_type"}
     config = transformers.SmolVLMConfig(vision_config=vision, text_config=dict(model_type="llama", **_text(d, ids)),
-                                        scale_factor=2, image_token_id=ids["<image>"], tie_word_embeddings=True)
+                                        scale_factor=2, image_token_id=ids["<image>"], pad_token_id=ids[d["pad"]],
+                                        tie_word_embeddings=True)
     processor = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": 56},
                                          max_image_size={"longest_edge": 56})
     return config, transformers.SmolVLMForConditionalGeneration, processor, {"image_seq_len": 4}

@@ -131,6 +131,9 @@ def generate_grouped(
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
     out = model(**group_inputs, use_cache=True, logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    # transformers renamed past_key_values to cache (5.2x); under the old name a `cache=` keyword is
+    # silently swallowed and every step would run without its prefix.
+    cache_name = "cache" if hasattr(out, "cache") else "past_key_values"
     repeat_cache(cache, group_size, group_inputs["input_ids"].size(0))  # linear-attention states too
     logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
     del out
@@ -158,7 +161,7 @@ def generate_grouped(
         attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
         pos = (position + step).view(1, rows, 1).expand(3, rows, 1)
         logits = _step_logits(model, head_t, input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
-                              cache=cache, use_cache=True)
+                              use_cache=True, **{cache_name: cache})
     mask = completion_mask(tokens, eos.tolist())
     texts = tokenizer.batch_decode(tokens * mask + pad * (1 - mask), skip_special_tokens=True)
     return tokens, mask, texts
