@@ -163,3 +163,31 @@ def test_two_grpo_steps_and_evaluation_from_the_cli(family, digits_jsonl, tmp_pa
     rows = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert len(rows) == 4 and 0 <= metrics["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("model_type, setting, record_space, expected", [
+    ("qwen2_5_vl", "auto", None, "pixels"),
+    ("qwen3_vl", "auto", None, "qwen2vl"),
+    ("qwen2_5_vl", "normalized", None, "normalized"),
+    ("qwen2_5_vl", "auto", "qwen2vl", "qwen2vl"),  # the data's own box_space wins
+])
+def test_task_box_space_sets_the_default_of_the_data(tmp_path, model_type, setting, record_space, expected):
+    from transformers import AutoConfig
+
+    from visual_rft.config import load_config
+    from visual_rft.runtime import load_split
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    mnist_records(limit=1, size=56)[0].load_image().save(tmp_path / "digit.png")
+    row = {"image": "digit.png", "solution": "[]", **({"box_space": record_space} if record_space else {})}
+    (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = load_config(None, ["task.name=detection", f"task.box_space={setting}", f"model.name_or_path={tmp_path}",
+                             f"data.train={tmp_path / 'data.jsonl'}", "data.check=false"])
+    assert [r.fields["box_space"] for r in load_split(cfg, "train")] == [expected]
+
+
+def test_task_box_space_is_validated():
+    from visual_rft.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="task.box_space"):
+        load_config(None, ["task.box_space=pixel"])
