@@ -191,3 +191,27 @@ def test_task_box_space_is_validated():
 
     with pytest.raises(ConfigError, match="task.box_space"):
         load_config(None, ["task.box_space=pixel"])
+
+
+def test_untested_transformers_versions_are_refused(monkeypatch):
+    from visual_rft.versions import OVERRIDE_ENV, check_transformers, is_tested
+
+    assert is_tested("5.17.0") and is_tested("5.24.0") and is_tested("5.24.3")
+    assert not is_tested("5.16.1") and not is_tested("5.25.0") and not is_tested("6.0.0")
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"transformers 5.16.1 is not tested .*5.17 to 5.24"):
+        check_transformers("5.16.1")
+    monkeypatch.setenv(OVERRIDE_ENV, "1")
+    with pytest.warns(UserWarning, match="not tested"):
+        check_transformers("6.0.0")
+
+
+def test_declared_range_and_ci_match_the_tested_versions():
+    from visual_rft.versions import HIGHEST_TESTED, LOWEST_TESTED
+
+    root = Path(__file__).parent.parent
+    pyproject = (root / "pyproject.toml").read_text()
+    high = HIGHEST_TESTED.split(".")
+    assert f'"transformers>={LOWEST_TESTED},<{high[0]}.{int(high[1]) + 1}"' in pyproject
+    assert f"transformers=={HIGHEST_TESTED}." in (root / "constraints.txt").read_text()
+    assert f"TRANSFORMERS_LOWEST ?= {LOWEST_TESTED}." in (root / "Makefile").read_text()

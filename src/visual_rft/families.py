@@ -134,12 +134,12 @@ def load_family_processor(path: str, model_type: str) -> ProcessorMixin:
 def register_processors() -> None:
     """Let AutoProcessor resolve the ImageOnly* class names saved in processor_config.json (otherwise
     it silently returns only the tokenizer)."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import CONFIG_MAPPING, AutoProcessor
 
     for model_type in FAMILIES:
         try:
-            config_cls = type(AutoConfig.for_model(model_type))
-        except (ValueError, KeyError):  # a family this transformers version does not have
+            config_cls = CONFIG_MAPPING[model_type]
+        except KeyError:  # a family this transformers version does not have
             continue
         AutoProcessor.register(config_cls, processor_class_for(model_type), exist_ok=True)
 

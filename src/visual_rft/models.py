@@ -21,6 +21,9 @@ from transformers.processing_utils import ProcessorMixin
 from visual_rft.families import (config_vision_token_ids, load_family_processor, processor_class_for,
                                  processor_vision_tokens, register_processors)
 from visual_rft.tiny_model import build_tiny_model  # noqa: F401  (public API lives here too)
+from visual_rft.versions import check_transformers
+
+check_transformers()  # every command that touches a model comes through here: refuse untested versions early
 
 __all__ = [
     "ImageOnlyQwen2VLProcessor",
