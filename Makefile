@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all test-lowest clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,21 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"
+
+# The model-facing tests under the lowest transformers the package declares (versions.py), in a
+# second venv: the same torch pin, every other pin but transformers from constraints.txt.
+TRANSFORMERS_LOWEST ?= 5.17.0
+LOW_VENV ?= .venv-lowest
+$(LOW_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(LOW_VENV)/bin/python || python3 -m venv $(LOW_VENV)
+	$(LOW_VENV)/bin/python -m pip install -q --upgrade pip
+	grep -v '^transformers==' constraints.txt > $(LOW_VENV)/constraints.txt
+	$(LOW_VENV)/bin/python -m pip install -q -c $(LOW_VENV)/constraints.txt torch
+	$(LOW_VENV)/bin/python -m pip install -q -c $(LOW_VENV)/constraints.txt -e ".[dev]" "transformers==$(TRANSFORMERS_LOWEST)"
+	touch $@
+
+test-lowest: $(LOW_VENV)/.installed
+	$(LOW_VENV)/bin/python -m pytest -q tests/test_models.py tests/test_rl_equivalence.py tests/test_families.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
 
-    p = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2-VL into DIR")
+    p = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2-VL (or another family) into DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="qwen2_vl", help="qwen2_vl (default), qwen2_5_vl, qwen3_vl, qwen3_5, "
+                   "internvl, gemma3, smolvlm, llava_onevision or glm4v")
 
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> object:
         return score_file(args.input, args.output, args.task, args.mode)
     if args.command == "tiny-model":
         from visual_rft.models import build_tiny_model
-        return {"model": str(build_tiny_model(args.dir, seed=args.seed))}
+        return {"model": str(build_tiny_model(args.dir, seed=args.seed, arch=args.arch))}
     if args.command == "data" and args.data_command == "check":
         from visual_rft.runtime import check_data
         path, overrides = _split_config(args)

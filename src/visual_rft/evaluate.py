@@ -24,7 +24,7 @@ def predict(model: Any, processor: Any, records: list[Record], cfg: Config, devi
     """One completion per record, scored by every reward of the task and parsed by its parser."""
     module = task_module(cfg.task.name)
     rewards = resolve_rewards(cfg.task.name, list(module.REWARDS), cfg.task.mode)
-    suppress = vision_token_ids(processor)
+    suppress = vision_token_ids(processor, getattr(model, "config", None))
     rows: list[dict[str, Any]] = []
     model.eval()
     batches = range(0, len(records), cfg.eval.batch_size)

@@ -14,19 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLProcessor,
-    Qwen2VLConfig,
-    Qwen2VLProcessor,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from visual_rft.families import (config_vision_token_ids, load_family_processor, processor_class_for,
+                                 processor_vision_tokens, register_processors)
 from visual_rft.tiny_model import build_tiny_model  # noqa: F401  (public API lives here too)
+from visual_rft.versions import check_transformers
+
+check_transformers()  # every command that touches a model comes through here: refuse untested versions early
 
 __all__ = [
     "ImageOnlyQwen2VLProcessor",
@@ -45,51 +42,17 @@ __all__ = [
 ]
 
 # Placeholder / delimiter tokens that only the processor may place: a sampled <|image_pad|> makes the
-# next forward fail with "Image features and image tokens do not match", so generation suppresses them.
+# next forward fail with "Image features and image tokens do not match", so generation suppresses them
+# (together with whatever the model config and the processor name as vision tokens: vision_token_ids).
 VISION_TOKENS = (
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
     "<image>", "<video>", "<|image|>", "<|video|>",
 )
 
-
-def _init_image_only(self, image_processor, tokenizer, chat_template) -> None:
-    # Mirrors Qwen2VLProcessor.__init__ minus the video slot: transformers 5.x builds the video
-    # processor with torchvision, which does not run beside the CPU torch used here.
-    self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-    self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-    self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-    self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-    ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without a video processor (images + text only); needs no torchvision."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # kwargs may carry a saved "video_processor" entry from a real checkpoint: images only, so dropped.
-        _init_image_only(self, image_processor, tokenizer, chat_template)
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2_5_VLProcessor without a video processor (images + text only); needs no torchvision."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        _init_image_only(self, image_processor, tokenizer, chat_template)
-
-
-_IMAGE_ONLY_PROCESSORS = {
-    "qwen2_vl": ImageOnlyQwen2VLProcessor,
-    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
-}
-# Without registration AutoProcessor cannot resolve the class name saved in processor_config.json and
-# silently falls back to returning only the tokenizer.
-AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
-AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor, exist_ok=True)
-
-
-def processor_class_for(model_type: str) -> type[ProcessorMixin] | None:
-    """The image-only processor class for a config.model_type, or None (use AutoProcessor)."""
-    return _IMAGE_ONLY_PROCESSORS.get(model_type)
+# The image-only processors (families.py); the Qwen2 names stay importable from here.
+ImageOnlyQwen2VLProcessor = processor_class_for("qwen2_vl")
+ImageOnlyQwen2_5_VLProcessor = processor_class_for("qwen2_5_vl")
+register_processors()
 
 
 _DTYPES = {
@@ -144,10 +107,13 @@ def _load_config(name_or_path: str):
 def load_processor(name_or_path: str, config=None) -> ProcessorMixin:
     """The image-text processor, left padding, with a pad token (generation needs both)."""
     config = config if config is not None else _load_config(name_or_path)
-    # Qwen checkpoints name the stock processor class, whose video slot needs torchvision: load
-    # them with the image-only subclass on every machine (one code path; videos are never used).
-    cls = processor_class_for(config.model_type) or AutoProcessor
-    processor = cls.from_pretrained(_resolve_source(name_or_path)[0])
+    # Checkpoints name the stock processor class, whose video slot needs torchvision: load the known
+    # families with their image-only subclass on every machine (one code path; videos are never used).
+    source = _resolve_source(name_or_path)[0]
+    if processor_class_for(config.model_type) is not None:
+        processor = load_family_processor(source, config.model_type)
+    else:
+        processor = AutoProcessor.from_pretrained(source)
     if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
         raise ValueError(
             f"{name_or_path!r} gave a {type(processor).__name__}, not an image-text processor: the "
@@ -258,13 +224,17 @@ def load_reference_model(
     return model.eval()
 
 
-def vision_token_ids(processor) -> list[int]:
-    """Ids of the vision placeholder tokens this tokenizer has; pass as `suppress_tokens` to generate."""
+def vision_token_ids(processor, config=None) -> list[int]:
+    """Ids of the vision placeholder / delimiter tokens, to pass as `suppress_tokens` to generate: the
+    known names, the processor's and tokenizer's named image tokens (Gemma 3's <image_soft_token>,
+    InternVL's <img>) and, with the model `config`, its image_token_id / image_token_index & co."""
     tokenizer = getattr(processor, "tokenizer", processor)
     vocab = tokenizer.get_vocab()
-    names = set(VISION_TOKENS)
-    names.update(t for t in (getattr(processor, "image_token", None), getattr(processor, "video_token", None)) if t)
-    return sorted({vocab[name] for name in names if name in vocab})
+    names = set(VISION_TOKENS) | processor_vision_tokens(processor)
+    ids = {vocab[name] for name in names if name in vocab}
+    if config is not None:
+        ids |= {i for i in config_vision_token_ids(config) if i < len(tokenizer)}
+    return sorted(ids)
 
 
 def _messages(prompt: str, *, system: str | None, image: bool) -> list[dict]:
@@ -283,12 +253,15 @@ def chat_text(
     The answer is appended to the generation prompt rather than rendered by the template, so the
     prompt part is byte-identical to what generation sees (SFT masks exactly those tokens).
     """
-    text = processor.apply_chat_template(
-        _messages(prompt, system=system, image=image), add_generation_prompt=True, tokenize=False
+    # Rendered by the tokenizer with the processor's template: the same text as the processor's own
+    # apply_chat_template, which in some families (SmolVLM) reads the video processor we leave out.
+    tokenizer = getattr(processor, "tokenizer", processor)
+    text = tokenizer.apply_chat_template(
+        _messages(prompt, system=system, image=image), add_generation_prompt=True, tokenize=False,
+        chat_template=getattr(processor, "chat_template", None),
     )
     if answer is None:
         return text
-    tokenizer = getattr(processor, "tokenizer", processor)
     end = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
     return text + answer + end
 
@@ -297,10 +270,12 @@ def build_model_inputs(
     processor, images: list, prompts: list[str], *, system: str | None = None
 ) -> BatchFeature:
     """Left-padded model inputs for one image + one prompt per row (input_ids, attention_mask,
-    pixel_values, image_grid_thw and, for Qwen2-VL, mm_token_type_ids for M-RoPE)."""
+    pixel_values, and the family's extras: image_grid_thw / mm_token_type_ids for the Qwen-VL
+    families, image_sizes, pixel_attention_mask, token_type_ids ...)."""
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; need one image per prompt")
     texts = [chat_text(processor, prompt, system=system) for prompt in prompts]
+    # Nested per prompt: Gemma 3 and SmolVLM need it, every other family accepts it.
     return processor(
-        images=list(images), text=texts, padding=True, padding_side="left", return_tensors="pt"
+        images=[[image] for image in images], text=texts, padding=True, padding_side="left", return_tensors="pt"
     )

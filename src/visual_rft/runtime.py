@@ -27,7 +27,8 @@ def load_split(cfg: Config, which: str = "train") -> list[Record]:
     path = cfg.data.train if which == "train" else cfg.data.eval
     if not path:
         raise ValueError(f"data.{which} is not set: give a dataset path (e.g. data.{which}=path/to/data.jsonl)")
-    records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit)
+    records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit,
+                           box_space=resolve_box_space(cfg) if cfg.task.name != "classification" else None)
     if not records:
         raise ValueError(f"data.{which} ({path}) has no records")
     _check_pixel_boxes(records, cfg.data.image_size, f"data.{which} ({path})")
@@ -35,6 +36,16 @@ def load_split(cfg: Config, which: str = "train") -> list[Record]:
         records = checked(records, cfg.task.name, cfg.data.on_bad_record, f"data.{which} ({path})",
                           max_pixels=cfg.data.max_image_pixels)
     return records
+
+
+def resolve_box_space(cfg: Config) -> str:
+    """task.box_space, with `auto` resolved from the model family (families.default_box_space)."""
+    if cfg.task.box_space != "auto":
+        return cfg.task.box_space
+    from visual_rft.families import default_box_space
+    from visual_rft.models import _load_config
+
+    return default_box_space(_load_config(cfg.model.name_or_path).model_type)
 
 
 def _check_pixel_boxes(records: list[Record], size: int | None, where: str) -> None:

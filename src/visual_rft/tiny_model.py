@@ -25,6 +25,10 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from visual_rft.tiny_families import TINY_FAMILIES
+
+ARCHS = ("qwen2_vl", "qwen2_5_vl", *TINY_FAMILIES)
+
 # Same order as the real Qwen2-VL vocabulary (151643..151656), so relative ids match the real model.
 QWEN2VL_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -100,13 +104,18 @@ BUILTIN_CORPUS = (
 )
 
 
-def train_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> Qwen2Tokenizer:
+def train_tokenizer(vocab_size: int, corpus: list[str] | None = None, *,
+                    specials: tuple[str, ...] = QWEN2VL_SPECIAL_TOKENS, eos: str = "<|im_end|>",
+                    pad: str = "<|endoftext|>", named: dict[str, str] | None = None,
+                    tokenizer_cls: type = Qwen2Tokenizer, **tokenizer_kwargs: Any) -> Qwen2Tokenizer:
     """A byte-level BPE with the Qwen2 pre-tokenizer; its total length (specials included) <= vocab_size.
 
-    tokenizers' BPE trainer breaks count ties by the pair itself, so the same corpus gives the same
-    merges in every process (checked by the determinism test through the saved files).
+    `specials` (another family's special tokens, in its real order) go right after the learned
+    vocabulary; `named` gives tokenizer attributes such as image_token / boi_token (other families'
+    processors read them). tokenizers' BPE trainer breaks count ties by the pair itself, so the same
+    corpus gives the same merges in every process (checked by the determinism test through the saved files).
     """
-    n_fixed = len(QWEN2VL_SPECIAL_TOKENS) + len(FORMAT_TOKENS)
+    n_fixed = len(specials) + len(FORMAT_TOKENS)
     if vocab_size < 256 + n_fixed:
         raise ValueError(f"vocab_size must be >= {256 + n_fixed} (256 bytes + special tokens), got {vocab_size}")
     bpe = Tokenizer(BPE())
@@ -128,16 +137,19 @@ def train_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> Qwen2To
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"])
     # Specials go right after the learned vocabulary, in the real model's order.
-    for token in QWEN2VL_SPECIAL_TOKENS + FORMAT_TOKENS:
+    for token in specials + FORMAT_TOKENS:
         vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(
+    extra = [t for t in specials if t not in (eos, pad)]
+    tokenizer = tokenizer_cls(
         vocab=vocab,
         merges=[tuple(m) for m in model["merges"]],
         unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos,
+        pad_token=pad,
         model_max_length=32768,
-        extra_special_tokens=[t for t in QWEN2VL_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        extra_special_tokens=extra,
+        **(named or {}),  # `*_token` keywords become attributes: tokenizer.image_token, .image_token_id
+        **tokenizer_kwargs,
     )
     tokenizer.add_tokens(list(FORMAT_TOKENS))
     return tokenizer
@@ -178,7 +190,7 @@ def _tiny_config(arch: str, tokenizer, *, vocab: int, text_hidden: int, layers: 
                       fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
         return (Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids),
                 Qwen2_5_VLForConditionalGeneration)
-    raise ValueError(f"arch must be 'qwen2_vl' or 'qwen2_5_vl', got {arch!r}")
+    raise ValueError(f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
 
 
 def make_tiny_model(
@@ -196,6 +208,9 @@ def make_tiny_model(
     """The in-memory tiny model (fp32, eval mode) and its processor; see build_tiny_model."""
     from visual_rft.models import processor_class_for  # late import: models re-exports build_tiny_model
 
+    if arch in TINY_FAMILIES:
+        return _make_family_model(arch, seed=seed, vocab_size=vocab_size, text_hidden=text_hidden, layers=layers,
+                                  vision_depth=vision_depth, vision_width=vision_width, corpus=corpus)
     if image_size % 28:
         raise ValueError(f"image_size must be a multiple of 28 (patch 14 x merge 2), got {image_size}")
     tokenizer = train_tokenizer(vocab_size, corpus)
@@ -217,6 +232,28 @@ def make_tiny_model(
     processor = processor_class_for(config.model_type)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE
     )
+    return model, processor
+
+
+def _make_family_model(arch: str, *, seed: int, vocab_size: int, corpus: list[str] | None, **dims: int):
+    """A tiny model of one of TINY_FAMILIES: its special tokens, tokenizer attributes, chat template,
+    image processor and config class; each image becomes 4 image tokens (LLaVA-OneVision: its tiles')."""
+    from visual_rft.models import processor_class_for
+
+    spec = TINY_FAMILIES[arch]
+    tokenizer = train_tokenizer(vocab_size, corpus, specials=spec.specials, eos=spec.eos, pad=spec.pad,
+                                named=dict(spec.named), **({"bos_token": spec.bos} if spec.bos else {}))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.specials}
+    d = dict(dims, vocab=len(tokenizer), eos=spec.eos, pad=spec.pad, bos=spec.bos)
+    config, model_cls, image_processor, processor_kwargs = spec.build(ids, d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).to(torch.float32).eval()
+    eos = [ids[spec.eos], *[ids[t] for t in spec.generation_eos]]
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=ids[spec.pad],
+                                               bos_token_id=ids[spec.bos] if spec.bos else None)
+    processor = processor_class_for(config.model_type)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=spec.chat_template, **processor_kwargs)
     return model, processor
 
 

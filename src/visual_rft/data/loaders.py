@@ -32,6 +32,7 @@ def load_records(
     task: str = "classification",
     image_root: str | Path | None = None,
     limit: int | None = None,
+    box_space: str | None = None,
 ) -> list[Record]:
     """Load records from `path`, choosing the reader by what `path` is.
 
@@ -40,17 +41,19 @@ def load_records(
     `embedded:mnist` / `embedded:trees`, or a detection source `coco:PATH?...`, `lvis:PATH?...`,
     `lisa:PATH?...` (see data/coco.py for the options). Append `::split` to pick a split of a directory (default "train").
     Relative image paths resolve against `image_root`, else the data file's folder.
-    `limit` keeps the first `limit` rows (in file order).
+    `limit` keeps the first `limit` rows (in file order). `box_space` (task.box_space resolved) is the
+    default for sources that convert boxes themselves and for records without a box_space field; a
+    source's own `?box_space=` and a record's field win.
     """
     if limit is not None and limit <= 0:
         raise DataError(f"limit must be positive, got {limit}")
     text = str(path)
     if text.startswith("embedded:"):
-        return _load_embedded(text, limit)
+        return _load_embedded(text, limit, box_space)
     if text.startswith(("coco:", "lvis:", "lisa:")):
         from visual_rft.data.coco import load_detection_source
 
-        records = load_detection_source(text, image_root=image_root, limit=limit)
+        records = load_detection_source(text, image_root=image_root, limit=limit, box_space=box_space)
         if not records:
             raise DataError(f"no records in {path}")
         return records
@@ -64,6 +67,9 @@ def load_records(
     records = _dispatch(target, split, root, task, limit)
     if not records:
         raise DataError(f"no records in {path}")
+    if box_space and task != "classification":
+        for record in records:
+            record.fields.setdefault("box_space", box_space)
     return records
 
 
@@ -96,12 +102,12 @@ def _dispatch(
     return _load_image_folder(target, limit)
 
 
-def _load_embedded(text: str, limit: int | None) -> list[Record]:
+def _load_embedded(text: str, limit: int | None, box_space: str | None = None) -> list[Record]:
     name = text.split(":", 1)[1]
     if name.split("::")[0].split("?")[0] == "trees":
         from visual_rft.data.trees import trees_from_spec
 
-        return trees_from_spec(name, limit=limit)
+        return trees_from_spec(name, limit=limit, box_space=box_space)
     if name != "mnist":
         raise DataError(f"{text}: unknown embedded dataset (available: embedded:mnist, embedded:trees)")
     from visual_rft.data.embedded import mnist_records

@@ -161,7 +161,7 @@ def tree_splits(test_fraction: float = 0.25, *, seed: int = 0, **kwargs: Any) ->
                          stratify_key="photo")
 
 
-def trees_from_spec(name: str, *, limit: int | None = None) -> list[Record]:
+def trees_from_spec(name: str, *, limit: int | None = None, box_space: str | None = None) -> list[Record]:
     """Records for `embedded:trees[::train|::test][?tile=112&min_visible=0.5&box_space=pixels&empty=1
     &seed=0&test_fraction=0.25]` (load_records passes the part after `embedded:`); the train/test
     split is tree_splits' (75/25, stratified by photo)."""
@@ -169,7 +169,7 @@ def trees_from_spec(name: str, *, limit: int | None = None) -> list[Record]:
     base, _, split = head.partition("::")
     if base != "trees":
         raise DataError(f"embedded:{name}: unknown embedded dataset (available: embedded:trees[::train|::test])")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"box_space": box_space} if box_space else {}  # the spec's own option wins
     casts = {"tile": int, "min_visible": float, "box_space": str, "seed": int, "test_fraction": float,
              "empty": lambda v: v.lower() in ("1", "true", "yes")}
     for item in filter(None, query.split("&")):

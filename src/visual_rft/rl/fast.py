@@ -18,9 +18,10 @@ import torch
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+from visual_rft.families import fast_paths
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
-                                   lm_head_weight, repeat_inputs, unwrap_model)
+                                   lm_head_weight, repeat_cache, repeat_inputs, unwrap_model)
 
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -76,6 +77,9 @@ def prefill_once_blocker(model: Any, group_inputs: dict[str, torch.Tensor], grou
     """Why `generate_grouped` cannot prefill each prompt once for this model and batch (None: it can)."""
     if group_size == 1:
         return "groups of one completion have nothing to share"
+    paths = fast_paths(model)  # the family's decision (families.py)
+    if not paths.prefill_once:
+        return paths.prefill_reason
     if prompt_positions(model, group_inputs) is None:
         return "the model has no Qwen-VL get_rope_index to continue the prompt's positions"
     return None
@@ -138,13 +142,17 @@ def generate_grouped(
     (repetition_penalty, a default top_k) are not picked up.
     `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
     """
-    prompt = prompt_positions(model, group_inputs) if prefill_once and group_size > 1 else None
+    blocked = not prefill_once or prefill_once_blocker(model, group_inputs, group_size) is not None
+    prompt = None if blocked else prompt_positions(model, group_inputs)
     if prompt is None:  # switched off, nothing to share, or positions this code cannot continue
         return generate(model, tokenizer, repeat_inputs(group_inputs, group_size), max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
     out = model(**group_inputs, use_cache=True, logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    cache.batch_repeat_interleave(group_size)
+    # transformers renamed past_key_values to cache (5.2x); under the old name a `cache=` keyword is
+    # silently swallowed and every step would run without its prefix.
+    cache_name = "cache" if hasattr(out, "cache") else "past_key_values"
+    repeat_cache(cache, group_size, group_inputs["input_ids"].size(0))  # linear-attention states too
     logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)
     del out
     eos = torch.tensor(eos_token_ids(model, tokenizer), device=logits.device)
@@ -171,7 +179,7 @@ def generate_grouped(
         attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
         pos = (position + step).view(1, rows, 1).expand(3, rows, 1)
         logits = _step_logits(model, head_t, input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
-                              cache=cache, use_cache=True)
+                              use_cache=True, **{cache_name: cache})
     mask = completion_mask(tokens, eos.tolist())
     texts = tokenizer.batch_decode(tokens * mask + pad * (1 - mask), skip_special_tokens=True)
     return tokens, mask, texts
@@ -200,6 +208,9 @@ def packing_pays(model: Any, prompt_len: int, completion_len: int, group_size: i
 
 def packing_blocker(model: Any, rollout: Rollout) -> str | None:
     """Why a group cannot be scored as one packed row (None: it can, and it saves compute)."""
+    paths = fast_paths(model)  # e.g. no packing with recurrent layers: completions would share their state
+    if not paths.packed_scoring:
+        return paths.packing_reason
     if rollout.group_inputs is None or "mm_token_type_ids" not in rollout.group_inputs:
         return "the batch has no per-group prompt tensors with mm_token_type_ids"
     if _attention_kind(model) not in _PACKABLE_ATTENTION:

@@ -114,26 +114,55 @@ def scoring_inputs(prompt_inputs: dict[str, torch.Tensor], completion_ids: torch
     return batch
 
 
-def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, torch.Tensor]:
-    """Processor output with every row repeated `repeats` times in a row, images included.
+_GRIDS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
-    pixel_values holds all images' patches back to back (image i has prod(image_grid_thw[i]) rows),
-    so it is repeated per image block, not per row.
+
+def _pixel_blocks(inputs: dict[str, torch.Tensor], key: str, rows: int) -> list[torch.Tensor]:
+    """`inputs[key]` split into one block per prompt row (one image per row).
+
+    Qwen-VL / GLM-4V put all images' patches back to back (image i has prod(image_grid_thw[i]) rows);
+    InternVL stacks its tiles (equal counts per image when tiling is off or uniform); Gemma 3, SmolVLM
+    and LLaVA-OneVision already have one leading entry per image.
     """
+    value, grid = inputs[key], inputs.get(_GRIDS.get(key, ""))
+    if grid is not None:
+        return list(value.split(grid.prod(-1).tolist()))
+    if value.size(0) % rows:
+        raise ValueError(f"cannot tell which of the {value.size(0)} {key} rows belong to which of {rows} prompts "
+                         "(images tiled into different numbers of tiles): turn tiling off in the image processor")
+    return list(value.split(value.size(0) // rows))
+
+
+def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, torch.Tensor]:
+    """Processor output with every row repeated `repeats` times in a row, images included
+    (pixel values per image block, whatever the family's layout: see _pixel_blocks)."""
     if repeats == 1:
         return dict(inputs)
     rows = inputs["input_ids"].size(0)
     out = {}
     for key, value in inputs.items():
-        if key in ("pixel_values", "pixel_values_videos"):
-            grid = inputs["image_grid_thw" if key == "pixel_values" else "video_grid_thw"]
-            blocks = value.split(grid.prod(-1).tolist())
-            out[key] = torch.cat([b for b in blocks for _ in range(repeats)])
+        if key in _GRIDS and torch.is_tensor(value):
+            out[key] = torch.cat([b for b in _pixel_blocks(inputs, key, rows) for _ in range(repeats)])
         elif torch.is_tensor(value) and value.dim() >= 1 and value.size(0) == rows:
             out[key] = value.repeat_interleave(repeats, dim=0)
         else:
             out[key] = value
     return out
+
+
+def repeat_cache(cache: Any, repeats: int, rows: int) -> None:
+    """A prefilled cache repeated for `repeats` samples per row, in place: key/value layers and the
+    conv / recurrent states of linear-attention layers (Qwen3.5's Gated DeltaNet) alike."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        cache.batch_repeat_interleave(repeats)
+        return
+    index = torch.arange(rows).repeat_interleave(repeats)
+    for layer in layers:
+        if hasattr(layer, "conv_states"):  # states live in dicts; reorder_cache index-selects each of them
+            layer.reorder_cache(index.to(layer.device or "cpu"))
+        else:
+            layer.batch_repeat_interleave(repeats)
 
 
 def unwrap_model(model: Any) -> Any:

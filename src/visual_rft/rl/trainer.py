@@ -45,7 +45,7 @@ class GRPOTrainer:
         if self.g.beta > 0 and not cfg.model.lora.enabled:
             self.ref_model = load_reference_model(cfg.model.name_or_path, dtype=cfg.model.dtype,
                                                   device=str(self.accelerator.device))
-        self.suppress = vision_token_ids(self.processor)
+        self.suppress = vision_token_ids(self.processor, self.model.config)
         self.parse = task_module(cfg.task.name).parse_answer
         per_step = self.g.per_device_batch_size * self.g.grad_accum_steps * self.accelerator.num_processes
         self.per_step, self.total = per_step, total_steps(len(records), per_step, self.g.num_epochs, self.g.max_steps)

@@ -1,0 +1,218 @@
+"""Every supported family, on its tiny random-init model (tiny-model --arch): load through the project's
+loader, keep the processor's saved settings, never sample vision tokens, score completions exactly like
+a plain forward (log-probs and gradients), generate grouped exactly like transformers' generate, and
+train + evaluate from the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from visual_rft.cli import main
+from visual_rft.data.embedded import mnist_records
+from visual_rft.families import FAMILIES, default_box_space, fast_paths
+from visual_rft.models import build_model_inputs, build_tiny_model, load_model_and_processor, vision_token_ids
+from visual_rft.rl.fast import can_pack, generate_grouped, group_logprobs, rollout_logprobs
+from visual_rft.rl.rollout import Rollout, eos_token_ids, generate, repeat_inputs, scoring_inputs
+
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl", "gemma3", "smolvlm", "llava_onevision", "glm4v"]
+PROMPTS = ["Which digit is this?", "Look closely at the picture and name the handwritten digit it shows."]
+G = 3
+# Settings the stock processors default to 256 / 169 / None: the tiny models save 4 (issue 15).
+SAVED_SETTINGS = {"internvl": "image_seq_length", "gemma3": "image_seq_length", "smolvlm": "image_seq_len",
+                  "llava_onevision": "num_image_tokens"}
+DEMO_CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def family(request, tmp_path_factory):
+    """(arch, checkpoint dir, model in eval mode, processor, two left-padded prompts with their images)."""
+    path = build_tiny_model(tmp_path_factory.mktemp(request.param) / "model", arch=request.param)
+    model, processor = load_model_and_processor(str(path))
+    images = [r.load_image() for r in mnist_records(limit=len(PROMPTS), size=56)]
+    group = dict(build_model_inputs(processor, images, PROMPTS))
+    return request.param, path, model.eval(), processor, group
+
+
+def test_loader_keeps_the_family_and_its_saved_processor_settings(family):
+    arch, path, model, processor, group = family
+    assert model.config.model_type == arch
+    assert "video_processor" not in type(processor).get_attributes()  # no torchvision needed
+    if arch in SAVED_SETTINGS:
+        assert getattr(processor, SAVED_SETTINGS[arch]) == 4
+    ids = group["input_ids"]
+    assert (group["attention_mask"][0] == 0).any()  # the two prompts differ in length: left padding
+    image_id = model.config.to_dict().get("image_token_id", model.config.to_dict().get("image_token_index"))
+    assert (ids == image_id).sum(1).tolist() == [(ids[1] == image_id).sum().item()] * 2  # same image tokens per row
+
+
+def test_vision_tokens_are_never_generated(family):
+    arch, _, model, processor, group = family
+    suppress = vision_token_ids(processor, model.config)
+    config = model.config.to_dict()
+    assert config.get("image_token_id", config.get("image_token_index")) in suppress
+    if arch == "gemma3":
+        assert processor.tokenizer.convert_tokens_to_ids("<image_soft_token>") in suppress
+    # Make the vision tokens the most likely ones: without suppression greedy decoding emits them.
+    head = model.get_output_embeddings().weight
+    saved = head.detach().clone()
+    with torch.no_grad():
+        head[suppress] *= 40
+    try:
+        plain, _, _ = generate(model, processor.tokenizer, group, max_new_tokens=4, temperature=0)
+        kept, _, _ = generate_grouped(model, processor.tokenizer, group, 2, max_new_tokens=4, temperature=1.0,
+                                      suppress_ids=suppress)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    assert torch.isin(plain, torch.tensor(suppress)).any()
+    assert not torch.isin(kept, torch.tensor(suppress)).any()
+
+
+def _fixed_completions(model, processor, rows, length=6):
+    gen = torch.Generator().manual_seed(1)
+    banned = set(vision_token_ids(processor, model.config))
+    allowed = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in banned])
+    ids = allowed[torch.randint(len(allowed), (rows, length), generator=gen)]
+    eos, pad = eos_token_ids(model, processor.tokenizer)[0], processor.tokenizer.pad_token_id
+    ids[1, 2], ids[1, 3:] = eos, pad  # an early EOS, then padding
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    return ids, mask
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_trainer_logprobs_and_gradients_equal_a_plain_forward(family):
+    arch, _, model, processor, group = family
+    rows = len(PROMPTS) * G
+    ids, mask = _fixed_completions(model, processor, rows)
+    weights = torch.linspace(-1, 1, ids.numel()).view_as(ids)
+    rollout = Rollout([None] * rows, [""] * rows, repeat_inputs(group, G), ids, mask, [""] * rows,
+                      group_inputs=group, group_size=G)
+    model.zero_grad()
+    fast = rollout_logprobs(model, rollout)
+    (fast * weights * mask).sum().backward()
+    fast_grads = _grads(model)
+    model.zero_grad()
+    logits = model(**scoring_inputs(repeat_inputs(group, G), ids, mask)).logits[:, -ids.size(1) - 1:-1]
+    plain = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    (plain * weights * mask).sum().backward()
+    assert ((fast - plain).abs() * mask).max() < 1e-5
+    assert (fast_grads - _grads(model)).abs().max() < 1e-5 * max(1.0, fast_grads.abs().max().item())
+    model.zero_grad()
+
+
+def test_grouped_generation_equals_generate(family):
+    arch, _, model, processor, group = family
+    suppress = vision_token_ids(processor, model.config)
+    tok = processor.tokenizer
+    fast, fast_mask, _ = generate_grouped(model, tok, group, G, max_new_tokens=6, temperature=0, suppress_ids=suppress)
+    plain, plain_mask, _ = generate(model, tok, repeat_inputs(group, G), max_new_tokens=6, temperature=0,
+                                    suppress_ids=suppress)
+    assert torch.equal(fast * fast_mask, plain[:, :fast.size(1)] * plain_mask[:, :fast.size(1)])
+    assert fast_paths(model).prefill_once == FAMILIES[arch].mrope
+
+
+def test_packing_is_refused_where_it_would_be_wrong(family):
+    arch, _, model, processor, group = family
+    rows = len(PROMPTS) * G
+    ids, mask = _fixed_completions(model, processor, rows)
+    rollout = Rollout([None] * rows, [""] * rows, repeat_inputs(group, G), ids, mask, [""] * rows,
+                      group_inputs=group, group_size=G)
+    paths = fast_paths(model)
+    if arch == "qwen3_5":
+        assert not paths.packed_scoring and "linear_attention" in paths.packing_reason
+        with torch.no_grad():  # why: packed completions share the recurrent state
+            packed = group_logprobs(model, group, G, ids, mask)
+            plain = rollout_logprobs(model, rollout)
+        assert ((packed - plain).abs() * mask).max() > 1e-4
+    if not paths.packed_scoring:
+        assert not can_pack(model, rollout)
+    if not FAMILIES[arch].mrope:
+        assert not can_pack(model, rollout) and "1-D RoPE" in paths.packing_reason
+
+
+def test_default_box_space_per_family():
+    assert default_box_space("qwen2_vl") == default_box_space("qwen3_vl") == "qwen2vl"
+    assert default_box_space("qwen2_5_vl") == "pixels"
+    assert default_box_space("some_new_family") == "qwen2vl"
+
+
+def test_two_grpo_steps_and_evaluation_from_the_cli(family, digits_jsonl, tmp_path, capsys):
+    arch, path, *_ = family
+    common = [f"model.name_or_path={path}", f"data.train={digits_jsonl}", f"data.eval={digits_jsonl}",
+              "data.limit=4", "output.progress=false", "eval.max_new_tokens=6", "eval.batch_size=4"]
+    assert main(["train", str(DEMO_CONFIG), *common, f"output.dir={tmp_path / 'run'}", "grpo.num_generations=2",
+                 "grpo.per_device_batch_size=2", "grpo.max_completion_length=6", "grpo.max_steps=2",
+                 "grpo.learning_rate=1e-2", "task.rewards=[toy_rewards:text_length]"]) == 0
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["grad_norm"] > 0 for s in steps)
+    trained = sorted((tmp_path / "run").glob("checkpoint-*"))[-1] / "model"
+    assert main(["eval", str(DEMO_CONFIG), *common, "--model", str(trained), "--out", str(tmp_path / "eval")]) == 0
+    rows = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert len(rows) == 4 and 0 <= metrics["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("model_type, setting, record_space, expected", [
+    ("qwen2_5_vl", "auto", None, "pixels"),
+    ("qwen3_vl", "auto", None, "qwen2vl"),
+    ("qwen2_5_vl", "normalized", None, "normalized"),
+    ("qwen2_5_vl", "auto", "qwen2vl", "qwen2vl"),  # the data's own box_space wins
+])
+def test_task_box_space_sets_the_default_of_the_data(tmp_path, model_type, setting, record_space, expected):
+    from transformers import AutoConfig
+
+    from visual_rft.config import load_config
+    from visual_rft.runtime import load_split
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    mnist_records(limit=1, size=56)[0].load_image().save(tmp_path / "digit.png")
+    row = {"image": "digit.png", "solution": "[]", **({"box_space": record_space} if record_space else {})}
+    (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = load_config(None, ["task.name=detection", f"task.box_space={setting}", f"model.name_or_path={tmp_path}",
+                             f"data.train={tmp_path / 'data.jsonl'}", "data.check=false"])
+    assert [r.fields["box_space"] for r in load_split(cfg, "train")] == [expected]
+
+
+def test_task_box_space_is_validated():
+    from visual_rft.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="task.box_space"):
+        load_config(None, ["task.box_space=pixel"])
+
+
+def test_untested_transformers_versions_are_refused(monkeypatch):
+    from visual_rft.versions import OVERRIDE_ENV, check_transformers, is_tested
+
+    assert is_tested("5.17.0") and is_tested("5.24.0") and is_tested("5.24.3")
+    assert not is_tested("5.16.1") and not is_tested("5.25.0") and not is_tested("6.0.0")
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"transformers 5.16.1 is not tested .*5.17 to 5.24"):
+        check_transformers("5.16.1")
+    monkeypatch.setenv(OVERRIDE_ENV, "1")
+    with pytest.warns(UserWarning, match="not tested"):
+        check_transformers("6.0.0")
+
+
+def test_declared_range_and_ci_match_the_tested_versions():
+    from visual_rft.versions import HIGHEST_TESTED, LOWEST_TESTED
+
+    root = Path(__file__).parent.parent
+    pyproject = (root / "pyproject.toml").read_text()
+    high = HIGHEST_TESTED.split(".")
+    assert f'"transformers>={LOWEST_TESTED},<{high[0]}.{int(high[1]) + 1}"' in pyproject
+    assert f"transformers=={HIGHEST_TESTED}." in (root / "constraints.txt").read_text()
+    assert f"TRANSFORMERS_LOWEST ?= {LOWEST_TESTED}." in (root / "Makefile").read_text()
