@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from visual_rft.config import Config
+from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
 from visual_rft.models import vision_token_ids
 from visual_rft.rewards import resolve_rewards, task_module
@@ -20,8 +20,9 @@ from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt
 
 
 def predict(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
-            progress: bool = True) -> list[dict[str, Any]]:
-    """One completion per record, scored by every reward of the task and parsed by its parser."""
+            progress: bool = True, on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """One completion per record, scored by every reward of the task and parsed by its parser;
+    `on_rows` receives each batch's rows as soon as they exist (eval writes them as it goes)."""
     module = task_module(cfg.task.name)
     rewards = resolve_rewards(cfg.task.name, list(module.REWARDS), cfg.task.mode)
     suppress = vision_token_ids(processor)
@@ -34,12 +35,15 @@ def predict(model: Any, processor: Any, records: list[Record], cfg: Config, devi
         _, mask, texts = generate(model, processor.tokenizer, inputs, max_new_tokens=cfg.eval.max_new_tokens,
                                   temperature=cfg.eval.temperature, suppress_ids=suppress)
         scores = rewards.score(texts, columns_of(batch))
+        done = len(rows)
         for i, (record, text) in enumerate(zip(batch, texts)):
             parsed = module.parse_answer(text, mode=cfg.task.mode, **record.columns())
             rows.append({"source": record.source, "solution": record.solution, "completion": text,
                          "prediction": _jsonable(parsed), "parse_failed": parsed is None,
                          "label": record.fields.get("label"), "completion_tokens": int(mask[i].sum()),
                          **{name: scores[name][i] for name in rewards.names}})
+        if on_rows is not None:
+            on_rows(rows[done:])
     return rows
 
 
@@ -83,15 +87,25 @@ def task_metrics(rows: list[dict[str, Any]], records: list[Record], cfg: Config)
 
 def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    rows = predict(model, processor, records, cfg, device, progress)
+    """Metrics of `model` on `records`; with `out_dir`, predictions.jsonl is written batch by batch
+    (a crash midway keeps what was predicted), then metrics.json, and config.yaml (the report
+    finds the records' images through its data settings)."""
+    if out_dir is None:
+        rows = predict(model, processor, records, cfg, device, progress)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        with open(out / "predictions.jsonl", "w") as fh:
+            def write(batch: list[dict[str, Any]]) -> None:
+                fh.writelines(json.dumps(r) + "\n" for r in batch)
+                fh.flush()
+
+            rows = predict(model, processor, records, cfg, device, progress, on_rows=write)
     metrics = summarize(rows, list(task_module(cfg.task.name).REWARDS))
     metrics.update(task_metrics(rows, records, cfg))
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from visual_rft.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from visual_rft.checkpoint import load_training_state, save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
 from visual_rft.models import load_reference_model, vision_token_ids
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               slot_seed, step_indices, total_steps)
+from visual_rft.preflight import find_resume_checkpoint
 from visual_rft.rewards import RewardSet, resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages, group_reward_std
 from visual_rft.rl.fast import generate_grouped, rollout_logprobs
@@ -35,9 +36,7 @@ class GRPOTrainer:
         self.accelerator = make_accelerator(cfg)
         self.out = Path(cfg.output.dir)
         seed_everything(self.g.seed)
-        ckpt = latest_checkpoint(self.out) if resume else None
-        if resume and ckpt is None:
-            print(f"--resume: no complete checkpoint in {self.out}, starting from scratch")
+        ckpt = find_resume_checkpoint(self.out, required=True) if resume else None
         self.model, self.processor = load_policy(cfg, self.accelerator.device, ckpt / "model" if ckpt else None)
         self.ref_model = None
         if self.g.beta > 0 and not cfg.model.lora.enabled:
@@ -55,6 +54,8 @@ class GRPOTrainer:
         self.start_step = 0
         if ckpt is not None:
             self.start_step = load_training_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler)["step"]
+            if self.accelerator.is_main_process:
+                print(f"resuming from {ckpt} (step {self.start_step} of {self.total})")
         self.log = RunLog(self.out, tensorboard=cfg.output.tensorboard, enabled=self.accelerator.is_main_process)
         if ckpt is not None:
             self.log.truncate_after(self.start_step)
