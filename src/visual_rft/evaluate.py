@@ -116,3 +116,46 @@ def run_eval(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
     model, processor = load_policy(cfg, accelerator.device, model_path)
     return evaluate_model(model, processor, records, cfg, accelerator.device, out_dir or cfg.output.dir,
                           progress=cfg.output.progress)
+
+
+class TrainingEval:
+    """Evaluation on data.eval while `train` / `sft` run: every `eval.steps` optimiser steps and at
+    the last step, through `evaluate_model` (the verifier `visual-rft eval` uses), logged as
+    `eval/<metric>` in the step's metrics.jsonl row (or a row of its own when output.log_steps
+    skips that step). Every process evaluates all records greedily (identical work, so sharded
+    models stay in step); the RNG is forked so training draws the same random numbers as without it."""
+
+    def __init__(self, cfg: Config, records: list[Record]) -> None:
+        self.cfg, self.records = cfg, records
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "TrainingEval | None":
+        """None without data.eval or with eval.steps=-1; the split is loaded and checked now, before
+        any model loads, so a bad eval split fails early."""
+        if not cfg.data.eval or cfg.eval.steps < 0:
+            return None
+        return cls(cfg, load_split(cfg, "eval"))
+
+    def due(self, step: int, total: int) -> bool:
+        every = self.cfg.eval.steps
+        return step == total or (every > 0 and step % every == 0)
+
+    def maybe_run(self, step: int, total: int, accelerator: Any, model: Any, processor: Any,
+                  log: Any) -> dict[str, float]:
+        """The eval/* metrics to merge into the step's row ({} when not due or logged here)."""
+        if not self.due(step, total):
+            return {}
+        from visual_rft.sharding import full_weights_for_generation
+
+        devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), full_weights_for_generation(accelerator, model) as policy:
+            was_training = policy.training
+            metrics = evaluate_model(policy, processor, self.records, self.cfg, accelerator.device, progress=False)
+            policy.train(was_training)
+        scalars = {f"eval/{k}": float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        every_log = max(self.cfg.output.log_steps, 1)
+        if step % every_log != 0 and step != total:  # the step's own row will not be written
+            log.metrics(step, scalars)
+            return {}
+        return scalars

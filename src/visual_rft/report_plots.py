@@ -16,7 +16,7 @@ from visual_rft.report_read import Series
 Line = tuple[str, Sequence[float], Sequence[float], Sequence[float] | None]
 Panel = tuple[str, list[Line]]
 
-GROUPS = ("reward", "accuracy", "kl", "completion_length", "loss", "parse_failure_rate", "time", "other")
+GROUPS = ("reward", "eval", "accuracy", "kl", "completion_length", "loss", "parse_failure_rate", "time", "other")
 
 
 def group_of(key: str) -> str:
@@ -25,6 +25,8 @@ def group_of(key: str) -> str:
     low = key.lower()
     if low.startswith("reward/"):
         return "reward"
+    if low.startswith("eval/"):  # held-out metrics logged during training (evaluate.TrainingEval)
+        return "eval"
     if low.startswith("time/"):
         return "time"
     if "accuracy" in low or "map" in low.split("/")[-1]:
