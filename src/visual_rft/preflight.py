@@ -79,5 +79,7 @@ def find_resume_checkpoint(out_dir: str | Path, *, required: bool) -> Path | Non
 
 def preflight(cfg: Config, command: str, out_dir: str | Path | None = None, out_setting: str = "output.dir") -> None:
     """Everything `train` / `sft` / `eval` can check before importing torch and loading a model."""
-    check_data_paths(cfg, ("eval",) if command == "eval" else ("train", "eval"), required=command)
+    # train / sft read data.eval too, unless eval.steps=-1 switches evaluation during training off
+    splits = ("eval",) if command == "eval" else ("train", "eval") if cfg.eval.steps >= 0 else ("train",)
+    check_data_paths(cfg, splits, required=command)
     check_output_dir(out_dir if out_dir is not None else cfg.output.dir, out_setting)
