@@ -287,3 +287,7 @@ def test_lisa_bad_rows(tmp_path):
     path.write_text(json.dumps({"image": "a.png", "instruction": "x", "box": [0, 0, 300, 10]}) + "\n")
     with pytest.raises(DataError, match=r"lisa\.jsonl:1: box .* outside the 200x100 image"):
         load_lisa(path)
+    (tmp_path / "empty.png").write_bytes(b"")  # LISA places boxes with the image's size: a clear error
+    path.write_text(json.dumps({"image": "empty.png", "instruction": "x", "box": [0, 0, 10, 10]}) + "\n")
+    with pytest.raises(DataError, match=r"lisa\.jsonl:1: .*empty\.png is not a readable image"):
+        load_lisa(path)

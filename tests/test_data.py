@@ -18,6 +18,7 @@ from PIL import Image
 from visual_rft.data import embedded
 from visual_rft.data.embedded import mnist_path, mnist_records
 from visual_rft.data.fewshot import fewshot_command, sample_k_shot, split_records, write_split
+from visual_rft.data.check import check_records
 from visual_rft.data.loaders import DataError, answer_text, load_records
 from visual_rft.data.record import Record
 
@@ -171,8 +172,10 @@ def test_parquet_file_with_image_bytes_and_parquet_dir_splits(tmp_path):
 
     broken = pa.table({"image": [{"bytes": b"not a png", "path": None}], "solution": ["<answer>a</answer>"]})
     pq.write_table(broken, tmp_path / "broken.parquet")
-    with pytest.raises(DataError, match=r"broken\.parquet:1: image bytes are not a readable image"):
-        load_records(tmp_path / "broken.parquet")
+    # bytes that are no image load as a record the data check names (and on_bad_record decides)
+    report = check_records(load_records(tmp_path / "broken.parquet"), "classification")
+    assert report.problems[0][0] == f"{tmp_path / 'broken.parquet'}:1"
+    assert "does not decode" in report.problems[0][1]
 
 
 def test_image_folder_labels_sources_and_split_subfolder(tmp_path):
@@ -232,7 +235,8 @@ def test_bad_inputs_name_the_file_and_row(tmp_path):
     fails(missing + "\n", rf"{data}:1: image file not found: .*nope\.png")
     (tmp_path / "imgs" / "truncated.png").write_bytes(b"not a png at all")
     broken = json.dumps({"image": "imgs/truncated.png", "solution": "<answer>a</answer>"})
-    fails(f"{good}\n{broken}\n", rf"{data}:2: .*truncated\.png is not a readable image")
+    data.write_text(f"{good}\n{broken}\n")  # not an image: a bad record of the data check, named by row
+    assert [source for source, _ in check_records(load_records(data), "classification").problems] == [f"{data}:2"]
     fails("[1, 2]\n", rf"{data}:1: row is a list")
     fails("\n\n", rf"no records in {data}")
     fails("", "no such file or directory", tmp_path / "absent.jsonl")

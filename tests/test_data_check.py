@@ -81,3 +81,58 @@ def test_detection_ground_truth_that_does_not_parse_is_a_bad_record(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = check_records(load_records(path, task="detection"), "detection")
     assert [source for source, _ in report.problems] == [f"{path}:2"]
+
+
+def _not_images() -> dict[str, bytes]:
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(png, "PNG")
+    return {"zero": b"", "text": b"just some notes, not a picture\n",
+            "garbage": png.getvalue()[:16] + bytes(range(256)) * 4, "good": png.getvalue()}
+
+
+def _undecodable_split(tmp_path, layout):
+    """The same four rows (three are no image at all) as JSONL with files or as parquet with bytes."""
+    images = _not_images()
+    if layout == "jsonl":
+        for name, data in images.items():
+            (tmp_path / f"{name}.png").write_bytes(data)
+        rows = [{"image": f"{name}.png", "solution": f"<answer>{name}</answer>"} for name in images]
+        path = tmp_path / "data.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": [{"bytes": data, "path": None} for data in images.values()],
+                      "solution": [f"<answer>{name}</answer>" for name in images]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    return tmp_path / "data.parquet"
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "parquet"])
+def test_files_that_are_not_images_are_bad_records_like_a_truncated_png(tmp_path, layout, capsys):
+    path = _undecodable_split(tmp_path, layout)
+    records = load_records(path)  # loading names no image as broken yet: the check does, for all of them
+    report = check_records(records, "classification")
+    assert [source for source, _ in report.problems] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert all("does not decode" in reason for _, reason in report.problems)
+    with pytest.raises(DataError, match=r"4 records checked, 3 bad"):
+        load_split(load_config(None, [f"data.train={path}"]), "train")
+    kept = load_split(load_config(None, [f"data.train={path}", "data.on_bad_record=skip"]), "train")
+    assert [r.fields["label"] for r in kept] == ["good"]
+    assert "skipping 3 bad records of 4" in capsys.readouterr().out
+    assert main(["data", "check", f"data.train={path}"]) == 1
+    listed = json.loads(capsys.readouterr().out)["train"]["problems"]
+    assert [p.split(": ")[0] for p in listed] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+
+
+def test_a_coco_image_that_is_not_an_image_is_a_bad_record_too(tmp_path):
+    from test_coco_data import write_fixture
+
+    path = write_fixture(tmp_path)
+    (tmp_path / "b.png").write_bytes(b"")  # image 2: zero bytes
+    cfg = load_config(None, [f"data.train=coco:{path}", "task.name=detection", "data.on_bad_record=skip"])
+    kept = load_split(cfg, "train")
+    assert sorted({r.fields["image_id"] for r in kept}) == [1]
+    report = check_records(load_records(f"coco:{path}", task="detection"), "detection")
+    assert [source.split(":image ")[1] for source, _ in report.problems] == ["2:cat", "2:dog"]

@@ -84,8 +84,9 @@ def test_map_equals_pycocotools(tmp_path, negatives):
     for k, name in enumerate(["cat", "dog"]):
         values = precision[:, :, k, 0, -1]
         assert metrics["per_category_AP"][name] == pytest.approx(values[values > -1].mean(), abs=1e-12)
-    assert counts == {"queries": len(records), "parse_failures": 1, "invalid_predictions": 0,
-                      "detections": 7 if negatives else 6}
+    assert counts == {"queries": len(records), "parse_failures": 1, "invalid_predictions": 1,
+                      "invalid_predictions/malformed": 1, "invalid_predictions/out_of_image": 0,
+                      "invalid_predictions/confidence_out_of_range": 0, "detections": 7 if negatives else 6}
     assert metrics["ground_truth_boxes"] == 5  # the crowd box is an ignore region, not a target
 
 
@@ -206,3 +207,41 @@ def test_grounding_cumulative_iou_in_pixels():
     assert metrics["gIoU"] == pytest.approx((0.5 + 1 / 7) / 3)
     assert metrics["cIoU"] == pytest.approx((10000 + 10000) / (20000 + 70000 + 10000))
     assert np.isfinite(metrics["cIoU"])
+
+
+# Boxes as a model might say them: past the image edge (qwen2vl > 1000 or < 0), a confidence outside
+# 0..1 and an entry that is no box at all. Image 1 is 200x100 px, image 2 100x100.
+EDGE_COMPLETIONS = {
+    (1, "cat"): answer(([100, 100, 300, 400], 0.9), ([480, 520, 760, 1050], 0.6), ([-20, 0, 50, 50], 0.3)),
+    (1, "dog"): answer(([740, -10, 1010, 210], 0.8)),  # its only box is past the edge
+    (2, "dog"): answer(([100, 100, 400, 400], 0.7), ([120, 100, 400, 400], 1.5)),
+    (2, "cat"): "<answer>[{'Position': [0, 0, 210, 190], 'Confidence': 0.8}, "
+                "{'Position': [5, 5, 'x', 9], 'Confidence': 0.5}]</answer>",
+}
+EDGE_SAID = {  # what each answer says, converted here by hand to xywh pixels: (image, category id, box, score)
+    (1, 1): [([20, 10, 40, 30], 0.9), ([96, 52, 56, 53], 0.6), ([-4, 0, 14, 5], 0.3)],
+    (1, 2): [([148, -1, 54, 22], 0.8)],
+    (2, 2): [([10, 10, 30, 30], 0.7), ([12, 10, 28, 30], 1.5)],
+    (2, 1): [([0, 0, 21, 19], 0.8)],
+}
+
+
+@pytest.mark.parametrize("mode", ["strict", "visual_rft"])
+def test_boxes_past_the_image_edge_are_scored_as_the_model_said_them(tmp_path, mode):
+    path = write_fixture(tmp_path)
+    records, _ = load_coco(path)
+    said = [{"image_id": i, "category_id": c, "bbox": [float(v) for v in box], "score": s}
+            for (i, c), entries in EDGE_SAID.items() for box, s in entries]
+    reference = pycocotools_eval(path, said)  # pycocotools takes boxes past the edge as they are
+    metrics = detection_metrics(rows_for(records, EDGE_COMPLETIONS), records, mode=mode)
+    ours = [metrics[k] for k in ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100")]
+    assert ours == pytest.approx([None if v < 0 else float(v) for v in reference.stats[:9]], abs=1e-12)
+    results, counts = coco_results(rows_for(records, EDGE_COMPLETIONS), records, mode=mode)
+    assert sorted((r["image_id"], r["score"]) for r in results) == sorted((d["image_id"], d["score"]) for d in said)
+    # strict calls (1, dog) a parse failure (its only box is outside the image), and still scores it
+    assert counts["detections"] == 7 and counts["parse_failures"] == (1 if mode == "strict" else 0)
+    # what the strict reward rejects is counted by kind; visual_rft's reward rejects only the non-box
+    kinds = {"malformed": 1, "out_of_image": 3, "confidence_out_of_range": 1} if mode == "strict" else \
+        {"malformed": 1, "out_of_image": 0, "confidence_out_of_range": 0}
+    assert {k: counts[f"invalid_predictions/{k}"] for k in kinds} == kinds
+    assert counts["invalid_predictions"] == sum(kinds.values())

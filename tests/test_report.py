@@ -287,3 +287,20 @@ def test_renders_in_headless_chromium(tmp_path):
     pixels = Image.open(shot).convert("L")
     assert pixels.size == (1200, 2000)
     assert np.asarray(pixels, dtype=np.float64).var() > 100  # not a blank page
+
+
+def test_reward_panels_take_their_y_range_from_the_data():
+    from matplotlib.figure import Figure
+
+    from visual_rft.report_plots import draw_panel, reward_panels
+
+    steps = [float(s) for s in range(1, 21)]
+    curves = {"reward/accuracy_mean": Series(), "reward/accuracy_std": Series()}
+    for s in steps:  # rewards in 0.2..0.8 with a wide std band (mean +- std reaches -0.2 and 1.2)
+        curves["reward/accuracy_mean"].add(s, 0.2 + 0.6 * (s - 1) / 19)
+        curves["reward/accuracy_std"].add(s, 0.4)
+    (title, lines), = reward_panels(curves, list(curves))
+    ax = Figure().add_subplot(1, 1, 1)
+    draw_panel(ax, title, lines, 0)
+    low, high = ax.get_ylim()
+    assert -0.05 < low < 0.2 and 0.8 < high < 1.05  # the band does not stretch the axis to -0.2..1.2

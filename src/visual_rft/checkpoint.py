@@ -7,24 +7,29 @@ State files are read back with `weights_only=True`, so a checkpoint cannot execu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from visual_rft.config import Config, save_config
+
+# numpy and torch are imported where state is saved or restored, so finding a checkpoint
+# (preflight's --resume check) stays free of the ~10 s torch import.
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
 
 def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -37,6 +42,9 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
@@ -59,17 +67,34 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+@contextlib.contextmanager
+def _library_bars_off() -> Iterator[None]:
+    """transformers draws a "Writing model shards" bar per save, which breaks the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: Any, optimizer: Any,
                     scheduler: Any, cfg: Config, extra: dict[str, Any] | None = None,
                     keep: int = 2) -> Path:
     """Write checkpoint-`step` via a temporary directory and an atomic rename; prune old ones."""
+    import torch
+
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    processor.save_pretrained(tmp / "model")
+    with _library_bars_off():
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        processor.save_pretrained(tmp / "model")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
@@ -108,6 +133,8 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
 
 def load_training_state(ckpt: str | Path, *, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Restore optimiser, scheduler and RNG from `ckpt`; returns trainer_state.json."""
+    import torch
+
     ckpt = Path(ckpt)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))

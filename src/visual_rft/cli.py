@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="GRPO fine-tuning with verifiable rewards")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint in output.dir (an error if there is none)")
+    resume.add_argument("--resume-if-present", action="store_true",
+                        help="resume when output.dir has a checkpoint, else start from scratch (for job scripts)")
 
     p = sub.add_parser("sft", help="supervised baseline on the same data")
     _config_args(p)
@@ -79,9 +83,15 @@ def run(args: argparse.Namespace) -> object:
     if args.command in ("train", "sft", "eval"):
         path, overrides = _split_config(args)
         cfg = load_config(path, overrides)
+        from visual_rft.preflight import find_resume_checkpoint, preflight
+
+        out = getattr(args, "out", None)  # before torch is imported and any model loads
+        preflight(cfg, args.command, out, "--out" if out else "output.dir")
         if args.command == "train":
+            resume = (args.resume or args.resume_if_present) and \
+                find_resume_checkpoint(cfg.output.dir, required=args.resume) is not None
             from visual_rft.rl.trainer import train_grpo
-            return {"output": str(train_grpo(cfg, resume=args.resume))}
+            return {"output": str(train_grpo(cfg, resume=resume))}
         if args.command == "sft":
             from visual_rft.sft import train_sft
             return {"output": str(train_sft(cfg))}

@@ -56,7 +56,7 @@ class DataConfig:
     """Where records come from (JSON/JSONL, save_to_disk, parquet, ImageFolder, embedded:mnist)."""
 
     train: str = ""  # training split path (`dir::split` picks a DatasetDict split)
-    eval: Optional[str] = None  # held-out split for `eval` and end-of-run evaluation
+    eval: Optional[str] = None  # held-out split for `eval`, and for evaluation during train/sft (eval.steps)
     image_root: Optional[str] = None  # base folder for relative image paths
     image_size: Optional[int] = None  # resize images to this square size (None = keep)
     limit: Optional[int] = None  # use only the first N records of each split
@@ -157,6 +157,7 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
+    steps: int = 0  # train/sft: evaluate on data.eval every N optimiser steps and at the end (0 = only at the end, -1 = never)
 
 
 @dataclass
@@ -340,6 +341,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.eval.steps < -1:
+        raise ConfigError(f"eval.steps must be >= 0 (0 = only at the end) or -1 (never), got {cfg.eval.steps}")
     if g.num_generations < 2:
         raise ConfigError("grpo.num_generations must be >= 2: group advantages need at least two samples")
     if g.beta < 0 or g.epsilon <= 0 or (g.epsilon_high is not None and g.epsilon_high <= 0):

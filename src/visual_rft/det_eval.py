@@ -79,25 +79,49 @@ def _score(conf: Any) -> float | None:
     return float(conf) if math.isfinite(conf) else None
 
 
+def _said_entries(completion: Any, record: Record, mode: str) -> list[tuple[Any, Any, str | None]] | None:
+    """(box, confidence, why the strict reward rejects it or None) of every entry of an answer."""
+    if mode == "visual_rft":
+        parsed = detection.parse_answer(completion, mode=mode, **record.columns())
+        return None if parsed is None else [(box, conf, None) for box, conf in parsed]
+    entries = detection.answer_entries(completion, **record.columns())
+    if entries is None:
+        return None
+    return [(item.get("Position"), item.get("Confidence"), problem) if isinstance(item, dict) else
+            (None, None, problem) for item, problem in entries]
+
+
 def coco_results(rows: Sequence[dict], records: Sequence[Record], *, mode: str = "strict",
                  max_per_image: int | None = None) -> tuple[list[dict], dict[str, int]]:
     """COCO result entries {image_id, category_id, bbox (xywh pixels), score} and parse counts.
 
-    An entry whose box is not 4 finite numbers with x1 < x2, y1 < y2, or whose confidence is not a
-    finite number (possible in visual_rft mode), is dropped and counted in `invalid_predictions`; `max_per_image` keeps the highest-scored per image.
+    The metric scores the boxes as the model said them, as pycocotools would on the same boxes: a
+    box past the image edge or a confidence outside 0..1 is scored unchanged (pycocotools neither
+    clips nor rescales). Entries the strict reward rejects are still counted, by kind, in
+    `invalid_predictions/<kind>` (detection.REJECTIONS) and their sum `invalid_predictions`; only
+    `malformed` ones (not 4 finite numbers with x1 < x2, y1 < y2, or no finite confidence) cannot be
+    scored and are left out. In visual_rft mode the original's parser picks the entries (it
+    deduplicates; its reward rejects no box for lying outside the image). `parse_failures` counts
+    the answers the reward calls parse failures (strict: no list, or no entry it accepts); their
+    scoreable entries are still scored. `max_per_image` keeps the highest-scored per image.
     """
     _aligned(rows, records)
     results: list[dict] = []
-    counts = {"queries": len(rows), "parse_failures": 0, "invalid_predictions": 0}
+    counts = {"queries": len(rows), "parse_failures": 0, "invalid_predictions": 0,
+              **{f"invalid_predictions/{kind}": 0 for kind in detection.REJECTIONS}}
     for row, record in zip(rows, records):
-        parsed = detection.parse_answer(row.get("completion", ""), mode=mode, **record.columns())
-        if parsed is None:
+        entries = _said_entries(row.get("completion", ""), record, mode)
+        # the reward's own view: no list, or (strict) no entry it accepts, is a parse failure
+        if entries is None or (entries and all(problem is not None for *_, problem in entries)):
             counts["parse_failures"] += 1
-            continue
-        for box, conf in parsed:
+        for box, conf, problem in entries or []:
             bbox, score = _pixel_box(box, record), _score(conf)
             if bbox is None or score is None:
+                problem = detection.MALFORMED
+            if problem is not None:
                 counts["invalid_predictions"] += 1
+                counts[f"invalid_predictions/{problem}"] += 1
+            if problem == detection.MALFORMED:
                 continue
             results.append({"image_id": record.fields["image_id"], "category_id": record.fields["category_id"],
                             "bbox": bbox, "score": score})

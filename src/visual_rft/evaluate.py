@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from visual_rft.config import Config
+from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
 from visual_rft.models import vision_token_ids
 from visual_rft.rewards import resolve_rewards, task_module
@@ -20,8 +20,9 @@ from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt
 
 
 def predict(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
-            progress: bool = True) -> list[dict[str, Any]]:
-    """One completion per record, scored by every reward of the task and parsed by its parser."""
+            progress: bool = True, on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """One completion per record, scored by every reward of the task and parsed by its parser;
+    `on_rows` receives each batch's rows as soon as they exist (eval writes them as it goes)."""
     module = task_module(cfg.task.name)
     rewards = resolve_rewards(cfg.task.name, list(module.REWARDS), cfg.task.mode)
     suppress = vision_token_ids(processor, getattr(model, "config", None))
@@ -34,12 +35,15 @@ def predict(model: Any, processor: Any, records: list[Record], cfg: Config, devi
         _, mask, texts = generate(model, processor.tokenizer, inputs, max_new_tokens=cfg.eval.max_new_tokens,
                                   temperature=cfg.eval.temperature, suppress_ids=suppress)
         scores = rewards.score(texts, columns_of(batch))
+        done = len(rows)
         for i, (record, text) in enumerate(zip(batch, texts)):
             parsed = module.parse_answer(text, mode=cfg.task.mode, **record.columns())
             rows.append({"source": record.source, "solution": record.solution, "completion": text,
                          "prediction": _jsonable(parsed), "parse_failed": parsed is None,
                          "label": record.fields.get("label"), "completion_tokens": int(mask[i].sum()),
                          **{name: scores[name][i] for name in rewards.names}})
+        if on_rows is not None:
+            on_rows(rows[done:])
     return rows
 
 
@@ -83,15 +87,25 @@ def task_metrics(rows: list[dict[str, Any]], records: list[Record], cfg: Config)
 
 def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    rows = predict(model, processor, records, cfg, device, progress)
+    """Metrics of `model` on `records`; with `out_dir`, predictions.jsonl is written batch by batch
+    (a crash midway keeps what was predicted), then metrics.json, and config.yaml (the report
+    finds the records' images through its data settings)."""
+    if out_dir is None:
+        rows = predict(model, processor, records, cfg, device, progress)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        with open(out / "predictions.jsonl", "w") as fh:
+            def write(batch: list[dict[str, Any]]) -> None:
+                fh.writelines(json.dumps(r) + "\n" for r in batch)
+                fh.flush()
+
+            rows = predict(model, processor, records, cfg, device, progress, on_rows=write)
     metrics = summarize(rows, list(task_module(cfg.task.name).REWARDS))
     metrics.update(task_metrics(rows, records, cfg))
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -102,3 +116,46 @@ def run_eval(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
     model, processor = load_policy(cfg, accelerator.device, model_path)
     return evaluate_model(model, processor, records, cfg, accelerator.device, out_dir or cfg.output.dir,
                           progress=cfg.output.progress)
+
+
+class TrainingEval:
+    """Evaluation on data.eval while `train` / `sft` run: every `eval.steps` optimiser steps and at
+    the last step, through `evaluate_model` (the verifier `visual-rft eval` uses), logged as
+    `eval/<metric>` in the step's metrics.jsonl row (or a row of its own when output.log_steps
+    skips that step). Every process evaluates all records greedily (identical work, so sharded
+    models stay in step); the RNG is forked so training draws the same random numbers as without it."""
+
+    def __init__(self, cfg: Config, records: list[Record]) -> None:
+        self.cfg, self.records = cfg, records
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "TrainingEval | None":
+        """None without data.eval or with eval.steps=-1; the split is loaded and checked now, before
+        any model loads, so a bad eval split fails early."""
+        if not cfg.data.eval or cfg.eval.steps < 0:
+            return None
+        return cls(cfg, load_split(cfg, "eval"))
+
+    def due(self, step: int, total: int) -> bool:
+        every = self.cfg.eval.steps
+        return step == total or (every > 0 and step % every == 0)
+
+    def maybe_run(self, step: int, total: int, accelerator: Any, model: Any, processor: Any,
+                  log: Any) -> dict[str, float]:
+        """The eval/* metrics to merge into the step's row ({} when not due or logged here)."""
+        if not self.due(step, total):
+            return {}
+        from visual_rft.sharding import full_weights_for_generation
+
+        devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), full_weights_for_generation(accelerator, model) as policy:
+            was_training = policy.training
+            metrics = evaluate_model(policy, processor, self.records, self.cfg, accelerator.device, progress=False)
+            policy.train(was_training)
+        scalars = {f"eval/{k}": float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        every_log = max(self.cfg.output.log_steps, 1)
+        if step % every_log != 0 and step != total:  # the step's own row will not be written
+            log.metrics(step, scalars)
+            return {}
+        return scalars

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from visual_rft.report_html import (CompletionView, bar_table, confusion_table, details, esc, group_html, img,
                                     note, page, section, sub, table)
-from visual_rft.report_images import PALETTE, ImageFinder, infer_task, read_boxes, render_image
+from visual_rft.report_images import PALETTE, DataSpec, ImageFinder, infer_task, read_boxes, render_image
 from visual_rft.report_plots import bars_png, group_curves, group_panels, overlay_panels, panels_png
 from visual_rft.report_read import (NO_ANSWER, PREDICTION_KEYS, ROLLOUT_KEYS, Series, confusion_matrix, is_correct,
                                     is_number, iter_jsonl, read_curves, read_predictions, reward_keys,
@@ -60,6 +60,19 @@ def _task_of(config_text: str | None) -> dict[str, Any]:
     except (yaml.YAMLError, AttributeError):
         return {}
     return task if isinstance(task, dict) else {}
+
+
+def _datasets_of(config_text: str | None) -> list[DataSpec]:
+    """The data.train / data.eval datasets a run's config names: where its records' images are."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config_text or "") or {}
+        data, task = cfg.get("data") or {}, (cfg.get("task") or {}).get("name") or "classification"
+        return [DataSpec(str(data[k]), data.get("image_root"), str(task), data.get("limit"))
+                for k in ("eval", "train") if data.get(k)]
+    except (yaml.YAMLError, AttributeError, TypeError):
+        return []
 
 
 def _entries(path: Path, name: str, task: dict[str, Any]) -> list[Run]:
@@ -148,7 +161,7 @@ def gallery(run: Run, ctx: Context, budget: int) -> str:
             boxes = boxes or boxes_i
             preds.append(boxes_i.pred if boxes_i else None)
             views.append(CompletionView(row.get("completion"), row, failed, color))
-        uri = render_image(hit.path if hit else None, boxes, [v.color for v in views], preds)
+        uri = render_image(hit.image if hit else None, boxes, [v.color for v in views], preds)
         more = f" (+{group.truncated} more completions not shown)" if group.truncated else ""
         meta = f"step {group.step} · {len(group.rows)} completions{more} · source {first.get('source')}"
         cards.append(group_html(meta, uri, first.get("prompt"), first.get("solution"), views,
@@ -206,7 +219,7 @@ def _predictions_html(run: Run, ctx: Context, path: Path) -> str:
         hit = found.get(str(row.get("source")))
         failed, boxes = _failure(task, _mode(run), row, hit.row if hit else {})
         color = PALETTE[0] if boxes is not None else None
-        uri = render_image(hit.path if hit else None, boxes, [color], [boxes.pred if boxes else None])
+        uri = render_image(hit.image if hit else None, boxes, [color], [boxes.pred if boxes else None])
         verdict = "correct" if is_correct(row) else "wrong"
         names = ["label", "prediction", *reward_keys(row, PREDICTION_KEYS), "completion_tokens"]
         view = CompletionView(row.get("completion"), {**row, "prediction": _short(row.get("prediction"))},
@@ -304,7 +317,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
         raise ValueError("report: give at least one run directory")
     runs, demos = discover(run_dirs)
     roots = list(dict.fromkeys(p for r in runs for p in (r.path, r.path.parent, r.path.parent.parent)))
-    ctx = Context(ImageFinder(roots))
+    ctx = Context(ImageFinder(roots, [d for r in runs for d in _datasets_of(_config_text(r.path))]))
     for run in runs:
         if run.kind == "train" and (run.path / "metrics.jsonl").is_file():
             ctx.curves[run.anchor] = read_curves(run.path / "metrics.jsonl")

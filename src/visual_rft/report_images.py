@@ -33,21 +33,43 @@ _BAD_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 class Found:
     path: Path | None = None
     row: dict[str, Any] = field(default_factory=dict)  # the data row (box_space, image_size, ...)
+    record: Any = None  # a loaded data.record.Record, for images held in the data (parquet / arrow bytes)
+
+    @property
+    def image(self) -> Any:
+        """What render_image draws: the image file, else the record that holds the image."""
+        return self.path if self.path is not None else self.record
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset a run read (its config's data.train / data.eval), to find records' images by source."""
+
+    path: str
+    image_root: str | None = None
+    task: str = "classification"
+    limit: int | None = None
 
 
 class ImageFinder:
-    """Resolves sources to image files: an image path, `FILE.jsonl:LINE` (the row's `image`,
-    relative to the file), or a source listed in a split's manifest.json (the demo's digits come
-    from a packaged array, and data/<split>/ holds their PNGs)."""
+    """Resolves sources to images: an image path, `FILE.jsonl:LINE` (the row's `image`, relative to
+    the file), a source listed in a split's manifest.json (the demo's digits come from a packaged
+    array, and data/<split>/ holds their PNGs), else the record of that source in a dataset the run
+    read (`datasets`: its config's data.train / data.eval) or in the dataset the source names
+    (`FILE.parquet:ROW`, `FILE.json:ROW`, `DIR::split:ROW`): images held as bytes (parquet,
+    save_to_disk), embedded digits and COCO records all come back through the loaders that made them."""
 
-    def __init__(self, roots: Sequence[Path]) -> None:
+    def __init__(self, roots: Sequence[Path], datasets: Sequence[DataSpec] = ()) -> None:
         self.roots = [Path(r) for r in roots]
+        self.datasets = list(dict.fromkeys(datasets))
         self._manifest: dict[str, tuple[Path, int]] | None = None
+        self._loaded: set[DataSpec] = set()
         self.cache: dict[str, Found] = {}
 
     def find_many(self, sources: Iterable[Any]) -> dict[str, Found]:
         wanted: dict[Path, dict[int, list[str]]] = {}
-        for source in {str(s) for s in sources if s is not None} - set(self.cache):
+        asked = {str(s) for s in sources if s is not None}
+        for source in asked - set(self.cache):
             self.cache[source] = Found()
             target = self._locate(source)
             if isinstance(target, Path):
@@ -59,7 +81,24 @@ class ImageFinder:
                 image = _image_path(row.get("image"), path.parent)
                 for source in lines[number]:
                     self.cache[source] = Found(image, row)
+        missing = {s for s in asked if self.cache[s].image is None}
+        if missing:
+            self._from_datasets(missing)
         return self.cache
+
+    def _from_datasets(self, missing: set[str]) -> None:
+        """Load the run's datasets (then those the sources name) until every source has its record."""
+        for spec in [*self.datasets, *_named_datasets(missing)]:
+            if not missing:
+                return
+            if spec in self._loaded:
+                continue
+            self._loaded.add(spec)
+            for record in _load_quietly(spec):
+                if record.source in missing:
+                    missing.discard(record.source)
+                    self.cache[record.source] = Found(record.image if isinstance(record.image, Path) else None,
+                                                      dict(record.fields), record)
 
     def _locate(self, source: str) -> Path | tuple[Path, int] | None:
         direct = self._file(source)
@@ -93,6 +132,30 @@ class ImageFinder:
                     for line, source in enumerate(sources, start=1):  # write_split: one row per line
                         self._manifest.setdefault(str(source), (manifest.parent / "data.jsonl", line))
         return self._manifest
+
+
+_DATASET_ROW = re.compile(r"^(.*\.(?:json|parquet)|.*::[^:/]+):(\d+)$")
+
+
+def _named_datasets(sources: Iterable[str]) -> list[DataSpec]:
+    """`FILE.json:ROW`, `FILE.parquet:ROW`, `DIR::split:ROW` name their dataset; load up to the last row."""
+    rows: dict[str, int] = {}
+    for source in sources:
+        match = _DATASET_ROW.match(source)
+        if match and Path(match.group(1).split("::")[0]).exists():
+            rows[match.group(1)] = max(rows.get(match.group(1), 0), int(match.group(2)))
+    return [DataSpec(path, limit=last) for path, last in sorted(rows.items())]
+
+
+def _load_quietly(spec: DataSpec) -> list[Any]:
+    """The records of `spec`, or none when it cannot be read now (moved, deleted, malformed): a report
+    of such a run still shows its text and curves."""
+    from visual_rft.data.loaders import load_records
+
+    try:
+        return load_records(spec.path, task=spec.task, image_root=spec.image_root, limit=spec.limit)
+    except (ValueError, OSError, ImportError, KeyError, TypeError, RuntimeError):
+        return []
 
 
 def _rows_at(path: Path, numbers: set[int]) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -189,16 +252,20 @@ def png_uri(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def render_image(path: Path | None, boxes: Boxes | None = None, pred_colors: Sequence[str] = (),
+def render_image(path: Any, boxes: Boxes | None = None, pred_colors: Sequence[str] = (),
                  preds: Sequence[Sequence[Box] | None] = ()) -> str | None:
-    """A data URI of the image at display size with the ground truth (green, thick) and each
-    completion's predicted boxes (its palette colour) drawn on it; None if it cannot be read."""
+    """A data URI of the image (a file, or a Record holding it) at display size with the ground truth
+    (green, thick) and each completion's predicted boxes (its palette colour) drawn on it; None if
+    it cannot be read."""
     if path is None:
         return None
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.convert("RGB")
+        if hasattr(path, "load_image"):  # a data Record: bytes, an in-memory image or a file
+            img = path.load_image()
+        else:
+            with Image.open(path) as img:
+                img.load()
+                img = img.convert("RGB")
     except _BAD_IMAGE:
         return None
     width, height = img.size

@@ -16,7 +16,7 @@ from visual_rft.report_read import Series
 Line = tuple[str, Sequence[float], Sequence[float], Sequence[float] | None]
 Panel = tuple[str, list[Line]]
 
-GROUPS = ("reward", "accuracy", "kl", "completion_length", "loss", "parse_failure_rate", "time", "other")
+GROUPS = ("reward", "eval", "accuracy", "kl", "completion_length", "loss", "parse_failure_rate", "time", "other")
 
 
 def group_of(key: str) -> str:
@@ -25,6 +25,8 @@ def group_of(key: str) -> str:
     low = key.lower()
     if low.startswith("reward/"):
         return "reward"
+    if low.startswith("eval/"):  # held-out metrics logged during training (evaluate.TrainingEval)
+        return "eval"
     if low.startswith("time/"):
         return "time"
     if "accuracy" in low or "map" in low.split("/")[-1]:
@@ -85,17 +87,36 @@ def panels_png(panels: Sequence[Panel], ncols: int = 3) -> str:
     fig = Figure(figsize=(4.2 * ncols, 2.8 * nrows), dpi=80)
     FigureCanvasAgg(fig)
     for i, (title, lines) in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        for j, line in enumerate(lines):
-            _plot(ax, line, f"C{j % 10}")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        if len(lines) > 1:
-            ax.legend(fontsize=7)
+        draw_panel(fig.add_subplot(nrows, ncols, i + 1), title, lines)
     _margins(fig, 4.2 * ncols, 2.8 * nrows)
     return _uri(fig)
+
+
+def draw_panel(ax, title: str, lines: Sequence[Line], first_color: int = 0) -> None:
+    for j, line in enumerate(lines):
+        _plot(ax, line, f"C{(first_color + j) % 10}")
+    ax.set_ylim(*y_limits(lines))
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend(fontsize=7)
+
+
+def y_limits(lines: Sequence[Line]) -> tuple[float, float]:
+    """The y-range of the data: lines and their std bands, but a band never takes a 0..1 quantity
+    (a reward, a rate) past 0 or 1 (matplotlib's own range ran such panels from -0.2 to 1.2)."""
+    values = [float(y) for _, _, ys, _ in lines for y in ys if math.isfinite(y)]
+    if not values:
+        return 0.0, 1.0
+    spread = [float(y) + sign * float(s) for _, _, ys, band in lines if band is not None
+              for y, s in zip(ys, band) for sign in (-1, 1) if math.isfinite(y) and math.isfinite(s)]
+    low, high = min(values + spread), max(values + spread)
+    if 0 <= min(values) and max(values) <= 1:
+        low, high = max(low, 0.0), min(high, 1.0)
+    pad = 0.04 * (high - low) if high > low else 0.05 * max(1.0, abs(high))
+    return low - pad, high + pad
 
 
 def _margins(fig, width: float, height: float) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from visual_rft.checkpoint import save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record
+from visual_rft.evaluate import TrainingEval
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               step_indices, total_steps)
 from visual_rft.rl.loss import masked_mean
@@ -54,8 +55,11 @@ def sft_loss(model: Any, processor: Any, records: list[Record], cfg: Config, dev
 
 
 def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
-    """Fine-tune model.name_or_path on the training split; writes checkpoints to output.dir."""
+    """Fine-tune model.name_or_path on the training split; writes checkpoints to output.dir. Without
+    `records` (the command line) the split and data.eval come from the config, and data.eval is
+    evaluated as eval.steps says; with `records` (the demo, which evaluates on its own) it is not."""
     s = cfg.sft
+    evaluator = TrainingEval.from_config(cfg) if records is None else None
     records = records if records is not None else load_split(cfg, "train")
     accelerator = make_accelerator(cfg)
     seed_everything(s.seed)
@@ -87,10 +91,11 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
             grad_norm, stepped = clip_and_step(model, optimizer, scheduler, s.max_grad_norm,
                                                accelerator.clip_grad_norm_)
         guard.record(step + 1, stepped)
+        evaluated = evaluator.maybe_run(step + 1, steps, accelerator, model, processor, log) if evaluator else {}
         if (step + 1) % max(cfg.output.log_steps, 1) == 0 or step + 1 == steps:
             log.metrics(step + 1, {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
                                    "lr": scheduler.get_last_lr()[0],
-                                   "skipped_steps_total": guard.total, **timer.pop()})
+                                   "skipped_steps_total": guard.total, **timer.pop(), **evaluated})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(out, steps, model=accelerator.unwrap_model(model), processor=processor, optimizer=optimizer,

@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from visual_rft.data.loaders import DataError, answer_text
-from visual_rft.data.record import Record
+from visual_rft.data.record import Record, open_image
 
 # Larger images are refused rather than decoded: a 100k x 100k PNG would take the machine's memory.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
@@ -43,7 +43,7 @@ def _image_problem(record: Record, max_pixels: int, modes: dict[str, int]) -> st
     image = record.image
     try:
         if not isinstance(image, Image.Image):
-            with Image.open(image) as opened:
+            with open_image(image) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     return f"image is {width}x{height}, over the limit of {max_pixels:,} pixels"

@@ -375,8 +375,8 @@ def resolve_image(path: Path, size: tuple[float, float] | None, where: str, miss
         try:
             with Image.open(path) as img:
                 actual = img.size
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{where}: {path} is not a readable image: {exc}") from exc
+        except (UnidentifiedImageError, OSError):
+            return path  # no image at all: a bad record for the data check to name, like a truncated one
         if actual != (int(size[0]), int(size[1])):
             raise DataError(f"{where}: {path} is {actual[0]}x{actual[1]} but the file says {size[0]:g}x{size[1]:g}")
     return path

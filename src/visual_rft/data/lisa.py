@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from visual_rft.data.coco import LoadReport, clip_box, grounding_solution, json_or_jsonl_rows, resolve_image, to_target
 from visual_rft.data.loaders import DataError
@@ -59,8 +59,11 @@ def load_lisa(path: str | Path, *, image_root: str | Path | None = None, missing
         if image is None:
             report.skipped["missing_images"] += 1
             continue
-        with Image.open(image) as img:
-            size = (float(img.size[0]), float(img.size[1]))
+        try:  # the box is placed with the image's size, so an image without one cannot become a record
+            with Image.open(image) as img:
+                size = (float(img.size[0]), float(img.size[1]))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{where}: {image} is not a readable image: {exc}") from exc
         report.images += 1
         if answer is not None:
             try:

@@ -177,18 +177,22 @@ def _image_value(row: dict, source: str) -> Any:
     raise DataError(f"{source}: row has no 'image'")
 
 
-def _resolve_image(value: Any, source: str, base: Path) -> Image.Image | Path:
-    """A readable image path, or a lazily decoded PIL image (only the header is read here)."""
+def _resolve_image(value: Any, source: str, base: Path) -> Image.Image | Path | bytes:
+    """A lazily decoded PIL image (only the header is read here), an image path, or the raw bytes of
+    an image whose header does not decode. Files and bytes that are no image at all (zero bytes, a
+    text file, garbage after a PNG signature) are kept as they are: the data check reports every
+    one of them as a bad record, as it does a half-written PNG, so `on_bad_record=skip` can drop them
+    and `data check` can list them all instead of stopping at the first."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):  # HF image feature: {"bytes": ..., "path": ...}
-        if value.get("bytes"):
-            return _open_bytes(value["bytes"], source)
+        if value.get("bytes") is not None:
+            return _open_bytes(value["bytes"])
         value = value.get("path")
         if not value:
             raise DataError(f"{source}: image has neither bytes nor path")
     if isinstance(value, (bytes, bytearray)):
-        return _open_bytes(bytes(value), source)
+        return _open_bytes(bytes(value))
     if not isinstance(value, (str, Path)):
         raise DataError(f"{source}: 'image' must be a path or image, got {type(value).__name__}")
     path = Path(value)
@@ -196,19 +200,14 @@ def _resolve_image(value: Any, source: str, base: Path) -> Image.Image | Path:
         path = base / path
     if not path.is_file():
         raise DataError(f"{source}: image file not found: {path}")
-    try:  # the header only: a truncated or non-image file fails here, not at step 900
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{source}: {path} is not a readable image: {exc}") from exc
     return path
 
 
-def _open_bytes(data: bytes, source: str) -> Image.Image:
+def _open_bytes(data: bytes) -> Image.Image | bytes:
     try:
         return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{source}: image bytes are not a readable image: {exc}") from exc
+    except (UnidentifiedImageError, OSError):
+        return bytes(data)  # not an image: the data check names it (see _resolve_image)
 
 
 # ---- JSON / JSONL ------------------------------------------------------------------------------

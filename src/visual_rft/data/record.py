@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ class Record:
     `source` names where the record came from ("file.jsonl:12") so errors can point at it.
     """
 
-    image: Image.Image | str | Path
+    image: Image.Image | str | Path | bytes  # bytes: an undecodable image, kept for the data check to report
     problem: str
     solution: str
     fields: dict[str, Any] = field(default_factory=dict)
@@ -31,16 +32,22 @@ class Record:
             # In-memory images may be lazily decoded (loaders open bytes without decoding).
             if isinstance(self.image, Image.Image):
                 return to_rgb(self.image)
-            with Image.open(self.image) as img:
+            with open_image(self.image) as img:
                 img.load()
                 # copy: closing the file invalidates `img`, and to_rgb returns RGB images as-is.
                 return to_rgb(img.copy())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{self.source or self.image}: cannot open image {self.image}: {exc}") from exc
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError on some corrupt chunks
+            what = f"{len(self.image)} bytes" if isinstance(self.image, bytes) else self.image
+            raise ValueError(f"{self.source or what}: cannot open image {what}: {exc}") from exc
 
     def columns(self) -> dict[str, Any]:
         """The keyword columns a reward function receives for this record."""
         return {"solution": self.solution, "problem": self.problem, **self.fields}
+
+
+def open_image(image: str | Path | bytes) -> Image.Image:
+    """PIL's lazy open of a path or of raw bytes (use as a context manager)."""
+    return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

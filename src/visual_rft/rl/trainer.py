@@ -12,12 +12,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from visual_rft.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from visual_rft.checkpoint import load_training_state, save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
+from visual_rft.evaluate import TrainingEval
 from visual_rft.models import load_reference_model, vision_token_ids
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               slot_seed, step_indices, total_steps)
+from visual_rft.preflight import find_resume_checkpoint
 from visual_rft.rewards import RewardSet, resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages, group_reward_std, zero_variance_groups
 from visual_rft.rl.fast import (default_sampler, generate_grouped, packing_blocker, prefill_once_blocker,
@@ -32,14 +34,14 @@ from visual_rft.sharding import full_weights_for_generation
 class GRPOTrainer:
     """Owns the policy, the optional reference, the optimiser and the run directory."""
 
+    evaluator: Any = None  # an evaluate.TrainingEval (train_grpo sets it from data.eval / eval.steps)
+
     def __init__(self, cfg: Config, records: list[Record], rewards: RewardSet, *, resume: bool = False) -> None:
         self.cfg, self.g, self.records, self.rewards = cfg, cfg.grpo, records, rewards
         self.accelerator = make_accelerator(cfg)
         self.out = Path(cfg.output.dir)
         seed_everything(self.g.seed)
-        ckpt = latest_checkpoint(self.out) if resume else None
-        if resume and ckpt is None:
-            print(f"--resume: no complete checkpoint in {self.out}, starting from scratch")
+        ckpt = find_resume_checkpoint(self.out, required=True) if resume else None
         self.model, self.processor = load_policy(cfg, self.accelerator.device, ckpt / "model" if ckpt else None)
         self.ref_model = None
         if self.g.beta > 0 and not cfg.model.lora.enabled:
@@ -57,6 +59,8 @@ class GRPOTrainer:
         self.start_step = 0
         if ckpt is not None:
             self.start_step = load_training_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler)["step"]
+            if self.accelerator.is_main_process:
+                print(f"resuming from {ckpt} (step {self.start_step} of {self.total})")
         self.log = RunLog(self.out, tensorboard=cfg.output.tensorboard, enabled=self.accelerator.is_main_process)
         if ckpt is not None:
             self.log.truncate_after(self.start_step)
@@ -217,6 +221,9 @@ class GRPOTrainer:
             for update in updates:
                 self.guard.record(step + 1, update.pop("stepped"))
             metrics = self._metrics(rollouts, updates)
+            if self.evaluator is not None:
+                metrics.update(self.evaluator.maybe_run(step + 1, self.total, self.accelerator, self.model,
+                                                        self.processor, self.log))
             self._log(step + 1, metrics, rollouts)
             bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
             if self._should_save(step + 1):
@@ -297,7 +304,11 @@ def _rollout_rows(rollout: Rollout, names: list[str]) -> list[dict[str, Any]]:
 
 
 def train_grpo(cfg: Config, *, resume: bool = False) -> Path:
-    """Validate everything cheap first (rewards, data), then load models and train."""
+    """Validate everything cheap first (rewards, data), then load models and train (evaluating on
+    data.eval as eval.steps says)."""
     rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
     records = load_split(cfg, "train")
-    return GRPOTrainer(cfg, records, rewards, resume=resume).fit()
+    evaluator = TrainingEval.from_config(cfg)
+    trainer = GRPOTrainer(cfg, records, rewards, resume=resume)
+    trainer.evaluator = evaluator
+    return trainer.fit()

@@ -184,32 +184,59 @@ def _limits(box_space: Any, image_size: Any) -> tuple[float, float]:
     return space_limits(space, width, height)
 
 
-def _strict_entry(item: Any, xmax: float, ymax: float) -> Prediction | None:
+# Why the strict reward rejects an entry (det_eval counts each kind; a malformed entry is no box at all).
+MALFORMED, OUT_OF_IMAGE, BAD_CONFIDENCE = "malformed", "out_of_image", "confidence_out_of_range"
+REJECTIONS = (MALFORMED, OUT_OF_IMAGE, BAD_CONFIDENCE)
+
+
+def entry_problem(item: Any, xmax: float, ymax: float) -> str | None:
+    """None for an entry the strict reward accepts, else why not (one of REJECTIONS)."""
     if not isinstance(item, dict):
-        return None
+        return MALFORMED
     box, conf = item.get("Position"), item.get("Confidence")
+    if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not _finite_number(conf):
+        return MALFORMED
+    if not is_finite_box(box) or not (box[0] < box[2] and box[1] < box[3]):
+        return MALFORMED
     if not is_valid_box(box, xmax, ymax):
+        return OUT_OF_IMAGE
+    return None if 0 <= conf <= 1 else BAD_CONFIDENCE
+
+
+def _finite_number(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def answer_entries(completion: Any, *, box_space: Any = None, image_size: Any = None,
+                   **_: Any) -> list[tuple[Any, str | None]] | None:
+    """Every entry of a strict answer with why the strict reward rejects it (None = accepted);
+    [] for 'No Objects'; None when the answer itself does not parse (no single <answer> block
+    holding a JSON list of at most MAX_BOXES entries)."""
+    xmax, ymax = _limits(box_space, image_size)
+    answer = extract_answer(completion_text(completion))
+    if not answer:
         return None
-    if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0 <= conf <= 1:
-        return None  # NaN fails the range test too
-    return tuple(float(v) for v in box), float(conf)
+    if _is_no_objects(answer):
+        return []
+    items = _load_list(answer)
+    if items is None or len(items) > MAX_BOXES:
+        return None
+    return [(item, entry_problem(item, xmax, ymax)) for item in items]
 
 
 def _strict_parse(completion: str, box_space: Any, image_size: Any) -> tuple[list[Prediction], int] | None:
     """(valid predictions, number of invalid entries), or None on a parse failure."""
-    xmax, ymax = _limits(box_space, image_size)
-    answer = extract_answer(completion)
-    if not answer:
+    entries = answer_entries(completion, box_space=box_space, image_size=image_size)
+    if entries is None:
         return None
-    if _is_no_objects(answer):
-        return [], 0
-    items = _load_list(answer)
-    if items is None or len(items) > MAX_BOXES:
+    valid = [(tuple(float(v) for v in item["Position"]), float(item["Confidence"]))
+             for item, problem in entries if problem is None]
+    if entries and not valid:
         return None
-    valid = [p for p in (_strict_entry(item, xmax, ymax) for item in items) if p is not None]
-    if items and not valid:
-        return None
-    return valid, len(items) - len(valid)
+    return valid, len(entries) - len(valid)
 
 
 @functools.lru_cache(maxsize=4096)
