@@ -187,11 +187,16 @@ def test_task_box_space_sets_the_default_of_the_data(tmp_path, model_type, setti
     assert [r.fields["box_space"] for r in load_split(cfg, "train")] == [expected]
 
 
-def test_task_box_space_is_validated():
+def test_task_box_space_is_validated(tmp_path):
     from visual_rft.config import ConfigError, load_config
+    from visual_rft.runtime import load_split
 
     with pytest.raises(ConfigError, match="task.box_space"):
         load_config(None, ["task.box_space=pixel"])
+    cfg = load_config(None, ["task.name=detection", f"model.name_or_path={tmp_path / 'missing'}",
+                             "data.train=embedded:trees?tile=112"])
+    with pytest.raises(ConfigError, match="task.box_space: auto takes the model family"):
+        load_split(cfg, "train")
 
 
 def test_untested_transformers_versions_are_refused(monkeypatch):

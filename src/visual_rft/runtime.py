@@ -45,7 +45,13 @@ def resolve_box_space(cfg: Config) -> str:
     from visual_rft.families import default_box_space
     from visual_rft.models import _load_config
 
-    return default_box_space(_load_config(cfg.model.name_or_path).model_type)
+    try:
+        model_type = _load_config(cfg.model.name_or_path).model_type
+    except OSError as exc:  # FileNotFoundError included: e.g. a model built after the data is loaded
+        raise ConfigError(f"task.box_space: auto takes the model family's box space, but model.name_or_path "
+                          f"({cfg.model.name_or_path}) cannot be read ({exc}); set task.box_space "
+                          "(qwen2vl, pixels or normalized) to what the task's question asks for") from exc
+    return default_box_space(model_type)
 
 
 def _check_pixel_boxes(records: list[Record], size: int | None, where: str) -> None:
