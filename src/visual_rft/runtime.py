@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from PIL import Image
 
 from visual_rft.config import Config, ConfigError
@@ -14,13 +15,19 @@ from visual_rft.data.check import check_records, checked
 from visual_rft.data.loaders import load_records
 from visual_rft.data.record import Record
 from visual_rft.models import build_model_inputs, load_model_and_processor
+from visual_rft.runlog import tracker_names
 from visual_rft.tasks.prompts import build_prompt
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """CPU unless a GPU is there and wanted; under torchrun this also sets up DDP (gloo / NCCL)."""
     want_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=want_cpu)
+    trackers = tracker_names(cfg.output)  # started by RunLog (init_trackers), only by the runs that log
+    kwargs = {}
+    if trackers:  # TensorBoard events go to output.dir/tensorboard/<output.project>
+        project = ProjectConfiguration(project_dir=cfg.output.dir, logging_dir=str(Path(cfg.output.dir) / "tensorboard"))
+        kwargs = {"log_with": trackers, "project_config": project}
+    return Accelerator(cpu=want_cpu, **kwargs)
 
 
 def load_split(cfg: Config, which: str = "train") -> list[Record]:
