@@ -75,15 +75,24 @@ def check_data(cfg: Config) -> dict[str, Any]:
 
 
 def load_policy(cfg: Config, device: torch.device, path: str | Path | None = None) -> tuple[Any, Any]:
-    """The policy and processor from `path` (default: model.name_or_path), placed and configured."""
+    """The policy and processor from `path` (default: model.name_or_path), placed and configured.
+
+    A LoRA checkpoint (`path` holds adapter_config.json, no weights of its own) is model.name_or_path
+    (its base: weights and processor) with the saved adapters on top, trainable."""
     m = cfg.model
     lora = None
     if m.lora.enabled:
         lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout, "target_modules": m.lora.target_modules}
+    adapters = path is not None and (Path(path) / "adapter_config.json").is_file()
     model, processor = load_model_and_processor(
-        str(path or m.name_or_path), dtype=m.dtype, device=str(device), attn_implementation=m.attn_implementation,
-        freeze_vision=m.freeze_vision, lora=lora, gradient_checkpointing=m.gradient_checkpointing,
+        m.name_or_path if adapters else str(path or m.name_or_path), dtype=m.dtype, device=str(device),
+        attn_implementation=m.attn_implementation, freeze_vision=m.freeze_vision, lora=None if adapters else lora,
+        gradient_checkpointing=m.gradient_checkpointing,
     )
+    if adapters:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
     image_processor = getattr(processor, "image_processor", None)
     for key in ("min_pixels", "max_pixels"):
         value = getattr(m, key)
