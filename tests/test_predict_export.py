@@ -1,16 +1,19 @@
 """`visual-rft predict` and `export` on real (tiny) runs: a full-weight run and a LoRA run."""
 
 import json
+import shutil
 import statistics
 
 import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from visual_rft.cli import main
 from visual_rft.config import load_config
+from visual_rft.data.record import Record
 from visual_rft.evaluate import predict, run_eval
 from visual_rft.export import export_model
 from visual_rft.model_source import load_source, resolve_model_source, source_config
@@ -153,7 +156,6 @@ def test_predict_draws_the_solution_and_each_samples_boxes(tmp_path, tiny_model_
     assert result["prompt"].startswith("Find every tree.\n") and result["image_out"] == str(tmp_path / "drawn.png")
     assert set(result["samples"][0]["rewards"]) == {"iou", "confidence", "format"}
     cfg = source_config(resolve_model_source(str(tiny_model_dir)), None, ["task.name=detection"])
-    from visual_rft.data.record import Record
     record = Record(image=image, problem="", solution=solution, fields={"box_space": "qwen2vl", "image_size": [200, 100]})
     _draw(cfg, record, [[((0, 0, 500, 500), 0.9)], None], tmp_path / "two.png")
     drawn = Image.open(tmp_path / "two.png").convert("RGB")
@@ -180,3 +182,16 @@ def test_predict_bad_input_is_named_before_any_model_loads(tmp_path, tiny_model_
                       solution="<answer>[{'Position': [1, 2]}]</answer>", out=str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()
     assert json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == ["ok.png", "text.png"]
+
+
+def test_lora_checkpoints_load_through_load_policy_so_resume_is_exact(runs, tmp_path):
+    """Before load_policy read adapter directories, resuming (or evaluating) a LoRA run failed
+    with 'no config.json'; now checkpoint-1 + one step gives checkpoint-2's adapters exactly."""
+    cfg = load_config(runs["lora"] / "config.yaml", [f"output.dir={tmp_path / 'resumed'}", "output.save_steps=1",
+                                                     "output.save_total_limit=5"])
+    train_grpo(cfg)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint-2")
+    train_grpo(cfg, resume=True)
+    fresh = load_file(runs["lora"] / "checkpoint-2" / "model" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint-2" / "model" / "adapter_model.safetensors")
+    assert fresh.keys() == resumed.keys() and all(torch.equal(fresh[k], resumed[k]) for k in fresh)
