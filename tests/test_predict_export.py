@@ -18,7 +18,7 @@ from visual_rft.evaluate import predict, run_eval
 from visual_rft.export import export_model
 from visual_rft.model_source import load_source, resolve_model_source, source_config
 from visual_rft.models import load_processor
-from visual_rft.predict import _draw, predict_image
+from visual_rft.predict import _draw, format_prediction, predict_image
 from visual_rft.report_images import GT_COLOR, PALETTE
 from visual_rft.rl.rollout import completion_logprobs
 from visual_rft.rl.trainer import train_grpo
@@ -142,6 +142,8 @@ def test_predict_uses_the_runs_prompt_generation_and_rewards(runs):
         assert s["reward"] == pytest.approx(sum(s["rewards"].values()))
         expected = (s["reward"] - statistics.fmean(totals)) / (statistics.stdev(totals) + 1e-4)
         assert s["advantage"] == pytest.approx(expected, abs=1e-3)
+    text = format_prediction(group)
+    assert text.count("\n[") == 4 and f"advantage {group['samples'][3]['advantage']:+.3f}" in text
     lora = predict_image(str(runs["lora"]), str(record.image), samples=2, temperature=1.0)
     assert lora["model"].endswith("checkpoint-2/model") and len(lora["samples"]) == 2
 

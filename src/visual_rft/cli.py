@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG with the boxes drawn (detection/grounding; default IMAGE_STEM.boxes.png)")
     p.add_argument("--config", help="config YAML for a model that is not a run (default: the run's config.yaml)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("export", help="a run or checkpoint as a plain Hugging Face model directory (LoRA merged)")
     p.add_argument("model", help="run directory (latest checkpoint), checkpoint-N[/model] or model directory")
@@ -125,11 +126,15 @@ def run(args: argparse.Namespace) -> object:
         from visual_rft.report import report_command
         return report_command(args.runs, args.out)
     if args.command == "predict":
-        from visual_rft.predict import predict_image
-        return predict_image(args.model, args.image, question=args.question, task=args.task, samples=args.samples,
-                             temperature=args.temperature, solution=args.solution, out=args.out, fields=args.field,
-                             config=args.config, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
-                             seed=args.seed)
+        from visual_rft.predict import format_prediction, predict_image
+        result = predict_image(args.model, args.image, question=args.question, task=args.task, samples=args.samples,
+                               temperature=args.temperature, solution=args.solution, out=args.out, fields=args.field,
+                               config=args.config, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed)
+        if args.json:
+            return result
+        print(format_prediction(result))
+        return None
     if args.command == "export":
         from visual_rft.export import export_model
         return export_model(args.model, args.out, config=args.config, overrides=args.overrides, dtype=args.dtype)

@@ -36,6 +36,7 @@ def export_model(spec: str, out: str | Path, *, config: str | None = None, overr
     source = resolve_model_source(spec)
     extra = [f"model.dtype={dtype}"] if dtype else []
     cfg = source_config(source, config, [*(overrides or []), *extra])
+    trained = copy.deepcopy(cfg)  # the card shows the config as the run had it
     cfg.output.report_to, cfg.output.tensorboard = [], False
     cfg.model.gradient_checkpointing = False  # a training setting; it must not travel into the export
     model, processor = load_source(source, cfg, make_accelerator(cfg).device)
@@ -48,7 +49,7 @@ def export_model(spec: str, out: str | Path, *, config: str | None = None, overr
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(source, cfg, merged, out.name))
+        (tmp / "README.md").write_text(model_card(source, trained, merged, out.name))
         save_config(exported_config(cfg, out), tmp / CONFIG_NAME)
         os.replace(tmp, out)
     except BaseException:

@@ -154,3 +154,24 @@ def predict_image(spec: str, image: str, *, question: str | None = None, task: s
     if out_path is not None:
         result["image_out"] = str(_draw(cfg, record, answers, out_path))
     return result
+
+
+def format_prediction(result: dict[str, Any]) -> str:
+    """The readable form `visual-rft predict` prints (--json prints the dict itself)."""
+    step = f" (step {result['step']})" if result.get("step") is not None else ""
+    n = len(result["samples"])
+    how = "greedy" if result["temperature"] == 0 else f"temperature {result['temperature']:g}"
+    lines = [f"{result['model']}{step} · {result['task']} · {n} sample{'s' * (n > 1)}, {how}",
+             f"prompt: {result['prompt']!r}"]
+    for i, sample in enumerate(result["samples"], start=1):
+        answer = repr(sample["answer"]) if sample["parsed"] else "unparsed"
+        line = f"[{i}] answer {answer}"
+        if "rewards" in sample:
+            parts = ", ".join(f"{name} {value:.3g}" for name, value in sample["rewards"].items())
+            line += f"  reward {sample['reward']:.3f} ({parts})"
+            if sample["advantage"] is not None:
+                line += f"  advantage {sample['advantage']:+.3f}"
+        lines += [line, f"    {sample['completion']!r}"]
+    if result.get("image_out"):
+        lines.append(f"boxes drawn: {result['image_out']}")
+    return "\n".join(lines)
