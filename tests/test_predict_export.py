@@ -177,6 +177,8 @@ def test_predict_bad_input_is_named_before_any_model_loads(tmp_path, tiny_model_
     with pytest.raises(ValueError, match="cannot open image"):
         predict_image(str(tiny_model_dir), str(tmp_path / "text.png"))
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    with pytest.raises(ValueError, match=r"needs field\(s\) \['category'\]"):
+        predict_image(str(tiny_model_dir), str(tmp_path / "ok.png"), task="detection", question="Find the {category}.")
     with pytest.raises(ValueError, match="--temperature 0 gives N copies"):
         predict_image(str(tiny_model_dir), str(tmp_path / "ok.png"), samples=3, temperature=0)
     with pytest.raises(ValueError, match="--solution: solution does not parse as detection"):

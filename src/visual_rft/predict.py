@@ -25,6 +25,7 @@ from visual_rft.rl.advantages import group_advantages
 from visual_rft.rl.fast import generate_grouped
 from visual_rft.runtime import make_accelerator, prompt_batch, record_image
 from visual_rft.tasks.boxes import BoxSpace
+from visual_rft.tasks.prompts import build_prompt
 
 BOX_TASKS = ("detection", "grounding")
 
@@ -66,6 +67,7 @@ def _image_record(image: str, cfg: Config, solution: str | None, fields: dict[st
     if cfg.task.name == "detection":
         defaults["box_space"] = str(getattr(cfg.task, "box_space", None) or BoxSpace.QWEN2VL.value)
     record.fields = {**defaults, **fields}
+    build_prompt(record, cfg.task)  # a question template's missing field is named now, not after loading
     if solution:
         report = check_records([record], cfg.task.name)
         if report.bad:
