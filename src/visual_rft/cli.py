@@ -72,6 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (several: compared side by side)")
     p.add_argument("--out", help="HTML file (default: RUNS[0]/report.html)")
 
+    p = sub.add_parser("predict", help="ask a model (a run, checkpoint, LoRA run or hub id) about one image")
+    p.add_argument("model", help="run directory (latest checkpoint), checkpoint-N[/model], model directory or hub id")
+    p.add_argument("image")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (on the run's own config)")
+    p.add_argument("--question", help="the question (default: the run's task.question; task.instruction is appended)")
+    p.add_argument("--task", choices=["classification", "detection", "grounding"], help="default: the run's task")
+    p.add_argument("--samples", type=int, default=1, help="a group of N samples, as GRPO draws them")
+    p.add_argument("--temperature", type=float, help="default: 0 (greedy) for one sample, grpo.temperature for a group")
+    p.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens (greedy) or grpo.max_completion_length")
+    p.add_argument("--solution", help="ground truth: each sample gets the task's rewards and its group advantage")
+    p.add_argument("--field", action="append", default=[], metavar="KEY=VALUE",
+                   help="a record field the question or parser reads, e.g. category=tree, box_space=pixels")
+    p.add_argument("--out", help="PNG with the boxes drawn (detection/grounding; default IMAGE_STEM.boxes.png)")
+    p.add_argument("--config", help="config YAML for a model that is not a run (default: the run's config.yaml)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("export", help="a run or checkpoint as a plain Hugging Face model directory (LoRA merged)")
+    p.add_argument("model", help="run directory (latest checkpoint), checkpoint-N[/model] or model directory")
+    p.add_argument("out", help="new directory to write (never overwritten)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. model.name_or_path=BASE for LoRA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: model.dtype)")
+    p.add_argument("--config", help="config YAML for a model that is not a run")
+
     p = sub.add_parser("demo", help="tiny model + real digits: base vs SFT vs Visual-RFT")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=None, help="demo config (default: the packaged configs/demo.yaml values)")
@@ -113,6 +137,19 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "report":
         from visual_rft.report import report_command
         return report_command(args.runs, args.out)
+    if args.command == "predict":
+        from visual_rft.predict import format_prediction, predict_image
+        result = predict_image(args.model, args.image, question=args.question, task=args.task, samples=args.samples,
+                               temperature=args.temperature, solution=args.solution, out=args.out, fields=args.field,
+                               config=args.config, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed)
+        if args.json:
+            return result
+        print(format_prediction(result))
+        return None
+    if args.command == "export":
+        from visual_rft.export import export_model
+        return export_model(args.model, args.out, config=args.config, overrides=args.overrides, dtype=args.dtype)
     if args.command == "demo":
         from visual_rft.demo import run_demo
         return run_demo(args.out, config_path=args.config, overrides=args.overrides)
@@ -123,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"visual-rft {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if result is not None and os.environ.get("RANK", "0") == "0":  # one summary under torchrun

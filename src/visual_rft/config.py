@@ -169,7 +169,11 @@ class OutputConfig:
     save_total_limit: int = 2  # keep this many newest checkpoints
     log_steps: int = 1  # metrics line every N steps
     sample_steps: int = 10  # save sampled rollouts every N steps (0 = never)
-    tensorboard: bool = False  # also write TensorBoard events
+    tensorboard: bool = False  # also write TensorBoard events (same as adding tensorboard to report_to)
+    # experiment trackers, through accelerate's integration: tensorboard, wandb, mlflow (or another
+    # tracker accelerate knows); metrics.jsonl is always written. wandb offline: WANDB_MODE=offline
+    report_to: list[str] = field(default_factory=list)
+    project: str = "visual-rft"  # tracker project (wandb) / experiment (mlflow); the run is named after dir
     progress: bool = True  # console progress bar
 
 
@@ -361,6 +365,9 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.task.rewards:
         raise ConfigError("task.rewards is empty: GRPO needs at least one reward")
+    if cfg.output.report_to:
+        from visual_rft.runlog import check_trackers  # imports accelerate: only when trackers are asked for
+        check_trackers(cfg.output.report_to)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

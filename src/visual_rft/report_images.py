@@ -257,6 +257,13 @@ def render_image(path: Any, boxes: Boxes | None = None, pred_colors: Sequence[st
     """A data URI of the image (a file, or a Record holding it) at display size with the ground truth
     (green, thick) and each completion's predicted boxes (its palette colour) drawn on it; None if
     it cannot be read."""
+    shown = draw_image(path, boxes, pred_colors, preds)
+    return None if shown is None else png_uri(shown)
+
+
+def draw_image(path: Any, boxes: Boxes | None = None, pred_colors: Sequence[str] = (),
+               preds: Sequence[Sequence[Box] | None] = ()) -> Image.Image | None:
+    """What render_image shows, as a PIL image (`visual-rft predict` saves it as a PNG)."""
     if path is None:
         return None
     try:
@@ -279,7 +286,7 @@ def render_image(path: Any, boxes: Boxes | None = None, pred_colors: Sequence[st
                 _rectangle(draw, to_pixels(box, boxes, width, height), scale, color, 2, shown.size)
         for box in boxes.gt:
             _rectangle(draw, to_pixels(box, boxes, width, height), scale, GT_COLOR, 3, shown.size)
-    return png_uri(shown)
+    return shown
 
 
 def _rectangle(draw: ImageDraw.ImageDraw, box: Box | None, scale: float, color: str, width: int,

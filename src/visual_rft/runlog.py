@@ -1,12 +1,28 @@
-"""Run outputs as they happen: metrics JSONL, optional TensorBoard, sampled rollouts, phase timers."""
+"""Run outputs as they happen: metrics JSONL, sampled rollouts, phase timers, and the experiment
+trackers (TensorBoard, Weights & Biases, MLflow) through accelerate's tracker integration.
+
+metrics.jsonl and rollouts.jsonl are always written; every tracker in `output.report_to` receives
+the same numeric metrics at the same steps, and the sampled rollouts as a table where it has one
+(a wandb.Table, an MLflow table artifact, a TensorBoard text table). Local trackers write under
+the run directory: tensorboard/, wandb/ (WANDB_MODE=offline needs no network), mlruns/ (an MLflow
+file store, unless MLFLOW_TRACKING_URI points elsewhere).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from visual_rft.config import Config, ConfigError, OutputConfig, _suggest, to_dict
+
+# the package each tracker needs, and the extra that installs it
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                     "mlflow": ("mlflow", "mlflow")}
 
 
 class PhaseTimer:
@@ -28,21 +44,77 @@ class PhaseTimer:
         return {f"time/{k}": round(v, 4) for k, v in out.items()}
 
 
-class RunLog:
-    """Appends one JSON object per line; a resumed run keeps appending to the same files."""
+def tracker_names(output: OutputConfig) -> list[str]:
+    """output.report_to, plus tensorboard for the older `output.tensorboard: true` (an alias)."""
+    names = list(dict.fromkeys(output.report_to))
+    if output.tensorboard and "tensorboard" not in names:
+        names.append("tensorboard")
+    return names
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = False, enabled: bool = True) -> None:
+
+def check_trackers(names: list[str]) -> None:
+    """Each name is a tracker accelerate knows and its package is installed (accelerate itself would
+    silently drop an unavailable one), else a ConfigError naming it."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"output.report_to: unknown tracker {name!r}" + _suggest(name, sorted(LOGGER_TYPE_TO_CLASS)))
+        if name not in available:
+            package, extra = _TRACKER_PACKAGES.get(name, (name, None))
+            hint = f"pip install 'visual-rft[{extra}]'" if extra else f"pip install {package}"
+            raise ConfigError(f"output.report_to: tracker {name!r} is not installed ({hint})")
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as dotted keys with scalar values (what TensorBoard hparams and MLflow params take)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            out[prefix] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node)
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def start_trackers(accelerator: Any, cfg: Config, out_dir: Path) -> None:
+    """accelerator.init_trackers with the run's config, each local tracker writing under `out_dir`."""
+    run_name = out_dir.resolve().name
+    if "mlflow" in {str(t) for t in accelerator.log_with} and not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow  # a file store in the run directory rather than mlflow's default in the cwd
+
+        # mlflow 3 keeps its file store (no database packages, works offline) behind an opt-in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        store = (out_dir / "mlruns").resolve().as_uri()
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)  # else mlflow 3 opens a registry database in the cwd
+    init_kwargs = {"wandb": {"dir": str(out_dir), "name": run_name}, "mlflow": {"run_name": run_name}}
+    accelerator.init_trackers(cfg.output.project, config=flat_config(cfg), init_kwargs=init_kwargs)
+
+
+class RunLog:
+    """Appends one JSON object per line; a resumed run keeps appending to the same files.
+
+    With an `accelerator` created with `log_with` (runtime.make_accelerator does this from
+    output.report_to), the trackers are started here and receive every metrics row too."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, accelerator: Any = None,
+                 cfg: Config | None = None) -> None:
         self.dir = Path(out_dir)
         self.enabled = enabled
-        self.writer = None
+        self.accelerator = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise RuntimeError("output.tensorboard=true needs `pip install tensorboard`") from exc
-            self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+        if enabled and accelerator is not None and getattr(accelerator, "log_with", None):
+            if cfg is None:
+                raise ValueError("RunLog: trackers need the run's config")
+            start_trackers(accelerator, cfg, self.dir)
+            self.accelerator = accelerator
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step`: a run resumed from checkpoint `step` logs them again."""
@@ -59,18 +131,52 @@ class RunLog:
 
     def metrics(self, step: int, values: dict[str, Any], name: str = "metrics.jsonl") -> None:
         self._append(name, {"step": step, **values})
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+        if self.accelerator is not None:
+            # rows of another file (e.g. eval metrics) keep their own namespace in the trackers
+            prefix = "" if name == "metrics.jsonl" else f"{Path(name).stem}/"
+            numbers = {f"{prefix}{k}": v for k, v in values.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.accelerator.log(numbers, step=step)
 
     def rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             self._append("rollouts.jsonl", {"step": step, **row})
+        if self.accelerator is not None and rows:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            data = [[_cell(row.get(c)) for c in columns] for row in rows]
+            for tracker in self.accelerator.trackers:
+                log_table(tracker, step, columns, data)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Finish every tracker (flushes their files). Not accelerator.end_training, which would also
+        tear down the process group that a caller may still use."""
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
+            self.accelerator = None
+
+
+def _cell(value: Any) -> Any:
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def log_table(tracker: Any, step: int, columns: list[str], data: list[list[Any]]) -> None:
+    """Sampled completions as a table, in each tracker's own form (others get none)."""
+    if tracker.name == "wandb":
+        tracker.log_table("rollouts", columns=columns, data=data, step=step)
+    elif tracker.name == "mlflow":
+        import mlflow
+
+        mlflow.log_table({c: [row[i] for row in data] for i, c in enumerate(columns)},
+                         artifact_file=f"rollouts/step_{step:06d}.json")
+    elif tracker.name == "tensorboard":
+        def cell(v: Any) -> str:
+            return str(v).replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in data]
+        tracker.writer.add_text("rollouts", "\n".join(lines), global_step=step)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

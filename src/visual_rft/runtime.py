@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from PIL import Image
 
 from visual_rft.config import Config, ConfigError
@@ -14,13 +15,19 @@ from visual_rft.data.check import check_records, checked
 from visual_rft.data.loaders import load_records
 from visual_rft.data.record import Record
 from visual_rft.models import build_model_inputs, load_model_and_processor
+from visual_rft.runlog import tracker_names
 from visual_rft.tasks.prompts import build_prompt
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """CPU unless a GPU is there and wanted; under torchrun this also sets up DDP (gloo / NCCL)."""
     want_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=want_cpu)
+    trackers = tracker_names(cfg.output)  # started by RunLog (init_trackers), only by the runs that log
+    kwargs = {}
+    if trackers:  # TensorBoard events go to output.dir/tensorboard/<output.project>
+        project = ProjectConfiguration(project_dir=cfg.output.dir, logging_dir=str(Path(cfg.output.dir) / "tensorboard"))
+        kwargs = {"log_with": trackers, "project_config": project}
+    return Accelerator(cpu=want_cpu, **kwargs)
 
 
 def load_split(cfg: Config, which: str = "train") -> list[Record]:
@@ -85,15 +92,24 @@ def check_data(cfg: Config) -> dict[str, Any]:
 
 
 def load_policy(cfg: Config, device: torch.device, path: str | Path | None = None) -> tuple[Any, Any]:
-    """The policy and processor from `path` (default: model.name_or_path), placed and configured."""
+    """The policy and processor from `path` (default: model.name_or_path), placed and configured.
+
+    A LoRA checkpoint (`path` holds adapter_config.json, no weights of its own) is model.name_or_path
+    (its base: weights and processor) with the saved adapters on top, trainable."""
     m = cfg.model
     lora = None
     if m.lora.enabled:
         lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout, "target_modules": m.lora.target_modules}
+    adapters = path is not None and (Path(path) / "adapter_config.json").is_file()
     model, processor = load_model_and_processor(
-        str(path or m.name_or_path), dtype=m.dtype, device=str(device), attn_implementation=m.attn_implementation,
-        freeze_vision=m.freeze_vision, lora=lora, gradient_checkpointing=m.gradient_checkpointing,
+        m.name_or_path if adapters else str(path or m.name_or_path), dtype=m.dtype, device=str(device),
+        attn_implementation=m.attn_implementation, freeze_vision=m.freeze_vision, lora=None if adapters else lora,
+        gradient_checkpointing=m.gradient_checkpointing,
     )
+    if adapters:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
     image_processor = getattr(processor, "image_processor", None)
     for key in ("min_pixels", "max_pixels"):
         value = getattr(m, key)

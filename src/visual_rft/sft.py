@@ -73,7 +73,7 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    log = RunLog(out, tensorboard=cfg.output.tensorboard, enabled=accelerator.is_main_process)
+    log = RunLog(out, enabled=accelerator.is_main_process, accelerator=accelerator, cfg=cfg)
     timer = PhaseTimer()
     guard = NonFiniteGuard(s.max_nonfinite_steps)
     model.train()

@@ -61,7 +61,7 @@ class GRPOTrainer:
             self.start_step = load_training_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler)["step"]
             if self.accelerator.is_main_process:
                 print(f"resuming from {ckpt} (step {self.start_step} of {self.total})")
-        self.log = RunLog(self.out, tensorboard=cfg.output.tensorboard, enabled=self.accelerator.is_main_process)
+        self.log = RunLog(self.out, enabled=self.accelerator.is_main_process, accelerator=self.accelerator, cfg=cfg)
         if ckpt is not None:
             self.log.truncate_after(self.start_step)
         self.timer = PhaseTimer()

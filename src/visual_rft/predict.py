@@ -1,0 +1,179 @@
+"""`visual-rft predict`: ask a model about one image, with the prompt building, generation,
+parsing and rewards of training and eval (no copies of them here).
+
+One sample decodes greedily, as `eval` does; `--samples N` draws a group the way GRPO does
+(rl/fast.generate_grouped), and with `--solution` each sample gets every configured reward, the
+weighted total and its group advantage. For detection and grounding the predicted boxes (and the
+solution's, in green) are drawn on the image, in the task's box space (report_images)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visual_rft.config import Config
+from visual_rft.data.check import check_records
+from visual_rft.data.record import Record, columns_of
+from visual_rft.model_source import load_source, resolve_model_source, source_config
+from visual_rft.models import vision_token_ids
+from visual_rft.report_images import PALETTE, Boxes, draw_image
+from visual_rft.rewards import resolve_rewards, task_module
+from visual_rft.rl.advantages import group_advantages
+from visual_rft.rl.fast import generate_grouped
+from visual_rft.runtime import make_accelerator, prompt_batch, record_image
+from visual_rft.tasks.boxes import BoxSpace
+from visual_rft.tasks.prompts import build_prompt
+
+BOX_TASKS = ("detection", "grounding")
+
+
+def parse_fields(items: list[str]) -> dict[str, Any]:
+    """`--field category=tree` -> {"category": "tree"}: record fields the prompt or parser reads."""
+    fields = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--field {item!r} is not of the form KEY=VALUE")
+        fields[key.strip()] = value
+    return fields
+
+
+def predict_config(spec: str, *, task: str | None, question: str | None, config: str | None,
+                   overrides: list[str]) -> tuple[Any, Config]:
+    """The model's source and its config (the run's, when it is a run), with --task / --question."""
+    source = resolve_model_source(spec)
+    extra = [f"task.name={task}"] if task else []
+    cfg = source_config(source, config, [*extra, *overrides])
+    if task and cfg.task.rewards and not set(cfg.task.rewards) <= set(task_module(task).REWARDS):
+        cfg.task.rewards, cfg.task.reward_weights = list(task_module(task).REWARDS), None  # the run's were another task's
+    if question is not None:
+        cfg.task.question = question
+    cfg.output.report_to, cfg.output.tensorboard = [], False  # nothing is logged
+    return source, cfg
+
+
+def _image_record(image: str, cfg: Config, solution: str | None, fields: dict[str, Any]) -> Record:
+    """The one record: the image's frame and the task's box space as fields, checked like data is
+    (the image decodes, the solution parses) before any model loads."""
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {image} does not exist")
+    record = Record(image=path, problem="", solution=solution or "", source=str(path))
+    shown = record_image(record, cfg.data.image_size)  # ValueError naming the file if it does not decode
+    defaults: dict[str, Any] = {"image_size": list(shown.size)}
+    if cfg.task.name == "detection":
+        defaults["box_space"] = str(getattr(cfg.task, "box_space", None) or BoxSpace.QWEN2VL.value)
+    record.fields = {**defaults, **fields}
+    build_prompt(record, cfg.task)  # a question template's missing field is named now, not after loading
+    if solution:
+        report = check_records([record], cfg.task.name)
+        if report.bad:
+            raise ValueError(f"--solution: {report.problems[0][1]}")
+    return record
+
+
+def _sample_settings(cfg: Config, samples: int, temperature: float | None,
+                     max_new_tokens: int | None) -> tuple[float, int]:
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    if temperature is None:  # one answer: greedy, as eval; a group: the run's sampling temperature
+        temperature = cfg.eval.temperature if samples == 1 else cfg.grpo.temperature
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if samples > 1 and temperature == 0:
+        raise ValueError("--samples > 1 with --temperature 0 gives N copies of the greedy answer; give a temperature > 0")
+    if max_new_tokens is None:
+        max_new_tokens = cfg.eval.max_new_tokens if temperature == 0 else cfg.grpo.max_completion_length
+    return temperature, max_new_tokens
+
+
+def _score(cfg: Config, record: Record, texts: list[str]) -> list[dict[str, Any]]:
+    """Every configured reward, the weighted total and (for a group) the GRPO advantage."""
+    rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
+    scores = rewards.score(texts, columns_of([record] * len(texts)))
+    totals = rewards.total(scores)
+    advantages = [None] * len(texts)
+    if len(texts) > 1:
+        advantages = group_advantages(torch.tensor(totals), len(texts), scale=cfg.grpo.scale_rewards).tolist()
+    return [{"rewards": {name: scores[name][i] for name in rewards.names}, "reward": totals[i],
+             "advantage": None if advantages[i] is None else round(advantages[i], 4)} for i in range(len(texts))]
+
+
+def _draw(cfg: Config, record: Record, answers: list[Any], out: Path) -> Path:
+    """The image with each sample's boxes (palette colours) and the solution's (green), written
+    through a temporary file so a failure leaves no partial PNG."""
+    from visual_rft.tasks import detection, grounding
+
+    if cfg.task.name == "detection":
+        space = BoxSpace.parse(record.fields.get("box_space") or BoxSpace.QWEN2VL)
+        gt = detection.parse_solution(record.solution) if record.solution else []
+        preds = [None if a is None else [box for box, _ in a] for a in answers]
+    else:
+        space = BoxSpace.QWEN2VL  # grounding answers are 0..1000 (tasks/grounding.py)
+        gt = [grounding.parse_solution(record.solution)] if record.solution else []
+        preds = [None if a is None else [a] for a in answers]
+    size = record.fields.get("image_size")
+    boxes = Boxes(gt, None, space, tuple(size) if size else None)
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(preds))]
+    image = draw_image(Path(str(record.image)), boxes, colors, preds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out
+
+
+def predict_image(spec: str, image: str, *, question: str | None = None, task: str | None = None,
+                  samples: int = 1, temperature: float | None = None, solution: str | None = None,
+                  out: str | None = None, fields: list[str] | None = None, config: str | None = None,
+                  overrides: list[str] | None = None, max_new_tokens: int | None = None,
+                  seed: int = 0) -> dict[str, Any]:
+    """Everything cheap is checked first (image, solution, settings); then the model loads."""
+    source, cfg = predict_config(spec, task=task, question=question, config=config, overrides=overrides or [])
+    record = _image_record(image, cfg, solution, parse_fields(fields or []))
+    temperature, max_new_tokens = _sample_settings(cfg, samples, temperature, max_new_tokens)
+    out_path = Path(out) if out else (Path(f"{Path(image).stem}.boxes.png") if cfg.task.name in BOX_TASKS else None)
+    device = make_accelerator(cfg).device
+    model, processor = load_source(source, cfg, device)
+    inputs, prompts = prompt_batch([record], cfg, processor, device, max_prompt_length=cfg.grpo.max_prompt_length)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        _, mask, texts = generate_grouped(model, processor.tokenizer, inputs, samples, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
+                                          suppress_ids=vision_token_ids(processor))
+    parse = task_module(cfg.task.name).parse_answer
+    answers = [parse(text, mode=cfg.task.mode, **record.columns()) for text in texts]
+    rows = [{"completion": text, "answer": answer, "parsed": answer is not None, "tokens": int(mask[i].sum())}
+            for i, (text, answer) in enumerate(zip(texts, answers))]
+    if solution:
+        for row, scored in zip(rows, _score(cfg, record, texts)):
+            row.update(scored)
+    result: dict[str, Any] = {"model": source.model, "step": source.step, "task": cfg.task.name,
+                              "prompt": prompts[0], "temperature": temperature, "samples": rows}
+    if out_path is not None:
+        result["image_out"] = str(_draw(cfg, record, answers, out_path))
+    return result
+
+
+def format_prediction(result: dict[str, Any]) -> str:
+    """The readable form `visual-rft predict` prints (--json prints the dict itself)."""
+    step = f" (step {result['step']})" if result.get("step") is not None else ""
+    n = len(result["samples"])
+    how = "greedy" if result["temperature"] == 0 else f"temperature {result['temperature']:g}"
+    lines = [f"{result['model']}{step} · {result['task']} · {n} sample{'s' * (n > 1)}, {how}",
+             f"prompt: {result['prompt']!r}"]
+    for i, sample in enumerate(result["samples"], start=1):
+        answer = repr(sample["answer"]) if sample["parsed"] else "unparsed"
+        line = f"[{i}] answer {answer}"
+        if "rewards" in sample:
+            parts = ", ".join(f"{name} {value:.3g}" for name, value in sample["rewards"].items())
+            line += f"  reward {sample['reward']:.3f} ({parts})"
+            if sample["advantage"] is not None:
+                line += f"  advantage {sample['advantage']:+.3f}"
+        lines += [line, f"    {sample['completion']!r}"]
+    if result.get("image_out"):
+        lines.append(f"boxes drawn: {result['image_out']}")
+    return "\n".join(lines)
