@@ -94,11 +94,18 @@ def test_rerun_resumes_and_a_bigger_grid_runs_only_the_new_cells(tmp_path, fake_
     assert all(cell["n"] == 3 for cell in table["cells"])
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == len({json.loads(line)["key"] for line in lines}) == 1 + 12
+    (out / "table.md").unlink()
+    assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.seeds=[0,1,2,3]", "--report-only") == 0
+    assert len(fake_training["train"]) == first + 4  # --report-only trains nothing, even for seed 3
+    assert "| 2 |" in (out / "table.md").read_text()
+    table = json.loads((out / "table.json").read_text())
+    assert all(cell["n"] == 3 and cell["seeds"] == [0, 1, 2] for cell in table["cells"])
 
 
 def test_a_changed_setting_refuses_to_mix_into_an_existing_sweep(tmp_path, fake_training, capsys):
     out = tmp_path / "sweep"
-    assert _run(out, "sweep.learning_rates=[1.0e-3]") == 0
+    assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.seeds=[0]") == 0
+    assert "RFT +0.200 (one seed)" in (out / "table.md").read_text()
     assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.images_seen=24") == 2
     assert "sweep.images_seen" in capsys.readouterr().err
 

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="data efficiency: SFT vs Visual-RFT over k-shot sizes x seeds, one base")
     _config_args(p)
     p.add_argument("--out", default=None, help="output directory (default: runs/CONFIG_NAME); rerun to resume")
+    p.add_argument("--report-only", action="store_true", help="only rebuild table, plot and report from results.jsonl")
     return parser
 
 
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "sweep":
         from visual_rft.sweep import run_sweep
         path, overrides = _split_config(args)
-        return run_sweep(args.out, config_path=path, overrides=overrides)
+        return run_sweep(args.out, config_path=path, overrides=overrides, report_only=args.report_only)
     raise AssertionError(args.command)
 
 

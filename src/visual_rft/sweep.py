@@ -96,7 +96,7 @@ def base_model(cfg: Config, warmup: list[Record], log: Any = print) -> Path:
     marker = home / "base.json"
     if marker.is_file():
         log(f"base: reusing {home} (cached warm-up)")
-        return Path(json.loads(marker.read_text())["model"])
+        return home / json.loads(marker.read_text())["model"]
     shutil.rmtree(home, ignore_errors=True)  # an unfinished warm-up is redone from scratch
     log(f"base: warming up into {home} ({cfg.demo.warmup_steps} SFT steps on {len(warmup)} records)")
     d = cfg.demo
@@ -106,7 +106,9 @@ def base_model(cfg: Config, warmup: list[Record], log: Any = print) -> Path:
                          learning_rate=d.warmup_learning_rate)
     warm.output.progress = False
     model = _final_model(train_sft(warm, warmup))
-    marker.write_text(json.dumps({"model": str(model), "decided_by": decided_by}, indent=2, default=str))
+    # relative to the cache folder, so the cache can move or be read from another working directory
+    marker.write_text(json.dumps({"model": str(model.relative_to(home)), "decided_by": decided_by}, indent=2,
+                                 default=str))
     return model
 
 
@@ -254,10 +256,14 @@ def best_rates(cfg: Config, done: dict[str, dict[str, Any]]) -> dict[str, float]
 
 
 def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None = None,
-              overrides: list[str] | None = None) -> dict[str, Any]:
+              overrides: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
     cfg = load_sweep_config(config_path, overrides)
     out = Path(out_dir or f"runs/{Path(config_path or 'sweep_shift').stem}")
     done = _open_out(cfg, out)
+    if report_only:  # the table, plot and report of the runs finished so far (e.g. of a cut-off sweep)
+        if not all(j.key in done for j in plan(cfg, None) if j.phase == "search"):
+            raise ConfigError(f"{out}: the learning-rate search has not finished; nothing to tabulate yet")
+        return write_outputs(cfg, out, list(done.values()), best_rates(cfg, done))
     splits = target_splits(cfg)
     sweep = Sweep(cfg, out, splits, Path("."), done)
     sweep.base = base_model(cfg, splits["warmup"])
@@ -272,9 +278,11 @@ def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None 
         sweep.run(job, index, total)
     best = best_rates(cfg, sweep.done)
     print(f"learning rates (best on validation at k={cfg.sweep.search_k}): {best}", flush=True)
-    for index, job in enumerate(plan(cfg, best)[len(search):], len(search) + 1):
-        sweep.run(job, index, total)
     paths = write_outputs(cfg, out, list(sweep.done.values()), best)
+    for index, job in enumerate(plan(cfg, best)[len(search):], len(search) + 1):
+        if job.key not in sweep.done:  # the table is current after every run: a cut-off sweep still has one
+            sweep.run(job, index, total)
+            paths = write_outputs(cfg, out, list(sweep.done.values()), best)
     print(Path(paths["table_md"]).read_text(), flush=True)
     print(f"wall time {(time.perf_counter() - sweep.started) / 60:.1f} min; report: {paths['report']}")
     return paths

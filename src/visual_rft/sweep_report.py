@@ -68,7 +68,9 @@ def verdict(sft: dict[str, Any] | None, rft: dict[str, Any] | None) -> str:
     gap = rft["mean"] - sft["mean"]
     leader = "RFT" if gap > 0 else "SFT" if gap < 0 else "tie"
     spread = max(sft["std"], rft["std"])
-    clear = "" if abs(gap) > spread and min(sft["n"], rft["n"]) > 1 else " (within seed spread)"
+    if min(sft["n"], rft["n"]) == 1:
+        return f"{leader} {gap:+.3f} (one seed)"
+    clear = "" if abs(gap) > spread else " (within seed spread)"
     return f"{leader} {gap:+.3f}{clear}"
 
 
