@@ -108,7 +108,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
     ax.set(xlabel="training examples per class (k)", ylabel=f"held-out {summary['metric']}", title=title)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title=f"bands: min–max over {len(summary['seeds'])} seeds", title_fontsize=7)
+    ax.legend(fontsize=8, title=f"bands: min–max over up to {max((c['n'] for c in summary['cells']), default=0)} seeds", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path
