@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test test-all test-lowest clean
+.PHONY: setup demo sweep test test-all test-lowest clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: setup
 	$(VENV)/bin/visual-rft demo --out runs/demo
+
+# Data efficiency (README "Data efficiency"): SFT vs Visual-RFT, k = 1..16 per class x 3 seeds, one
+# cached base; each preset writes runs/sweep-NAME/{table.md,table.json,sweep.png,report.html}.
+# Rerunning resumes. SWEEP_PRESETS=sweep_shift runs only the domain-shift preset.
+SWEEP_PRESETS ?= sweep_shift sweep_digits
+sweep: setup
+	for preset in $(SWEEP_PRESETS); do \
+	  $(VENV)/bin/visual-rft sweep --out runs/$$preset configs/$$preset.yaml || exit 1; done
 
 test: setup
 	$(PY) -m pytest -q

@@ -131,7 +131,8 @@ def test_a_coco_image_that_is_not_an_image_is_a_bad_record_too(tmp_path):
 
     path = write_fixture(tmp_path)
     (tmp_path / "b.png").write_bytes(b"")  # image 2: zero bytes
-    cfg = load_config(None, [f"data.train=coco:{path}", "task.name=detection", "data.on_bad_record=skip"])
+    cfg = load_config(None, [f"data.train=coco:{path}", "task.name=detection", "data.on_bad_record=skip",
+                                "task.box_space=qwen2vl"])
     kept = load_split(cfg, "train")
     assert sorted({r.fields["image_id"] for r in kept}) == [1]
     report = check_records(load_records(f"coco:{path}", task="detection"), "detection")

@@ -152,5 +152,6 @@ def test_pixel_boxes_with_a_square_resize_are_refused_early(tmp_path):
         load_split(cfg, "eval")
     cfg.data.image_size = 56  # the tiles' own size: nothing moves
     assert load_split(cfg, "eval")[0].fields["box_space"] == "pixels"
-    relative = load_config(None, ["task.name=detection", "data.eval=embedded:trees::test?tile=56", "data.image_size=28"])
+    relative = load_config(None, ["task.name=detection", "data.eval=embedded:trees::test?tile=56", "data.image_size=28",
+                                  "task.box_space=qwen2vl"])
     assert load_split(relative, "eval")  # 0-1000 boxes survive any resize

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=None, help="demo config (default: the packaged configs/demo.yaml values)")
     p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("sweep", help="data efficiency: SFT vs Visual-RFT over k-shot sizes x seeds, one base")
+    _config_args(p)
+    p.add_argument("--out", default=None, help="output directory (default: runs/CONFIG_NAME); rerun to resume")
+    p.add_argument("--report-only", action="store_true", help="only rebuild table, plot and report from results.jsonl")
     return parser
 
 
@@ -153,6 +158,10 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "demo":
         from visual_rft.demo import run_demo
         return run_demo(args.out, config_path=args.config, overrides=args.overrides)
+    if args.command == "sweep":
+        from visual_rft.sweep import run_sweep
+        path, overrides = _split_config(args)
+        return run_sweep(args.out, config_path=path, overrides=overrides, report_only=args.report_only)
     raise AssertionError(args.command)
 
 

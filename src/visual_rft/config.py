@@ -194,6 +194,24 @@ class DemoConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`visual-rft sweep`: SFT vs RFT from one base, over k-shot sizes x seeds (see sweep.py)."""
+
+    base: Literal["warmup", "model"] = "warmup"  # the demo's warm-up on its digits (cached), or model.name_or_path as is
+    target: str = "demo"  # k-shot pool / validation / held-out: "demo" = the demo's digit split, else any data source
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # examples per class
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # each: its own k-shot draw and training seed
+    images_seen: int = 800  # training images per run, both methods (steps = images_seen / images_per_step)
+    images_per_step: int = 8  # SFT batch size = GRPO prompts per step (each with G completions)
+    learning_rates: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])  # searched per method
+    search_k: int = 4  # the learning-rate search runs at this k, on the first seed, scored on validation
+    val_records: int = 200  # validation records carved from the pool (never from the held-out split)
+    test_records: Optional[int] = None  # held-out records (target != demo: required; demo: None = all of it)
+    metric: str = "accuracy"  # the held-out metric compared (a key of eval's metrics.json)
+    base_cache: str = "runs/sweep-bases"  # warm-up bases, one folder per warm-up setting, reused across sweeps
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -205,6 +223,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # ----------------------------------------------------------------------------- building from dicts

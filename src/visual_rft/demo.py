@@ -63,14 +63,19 @@ def prepare_data(cfg: Config, out: Path) -> dict[str, list[Record]]:
     return splits
 
 
-def _digit_splits(cfg: Config) -> dict[str, list[Record]]:
-    """Stratified warm-up / pool / test split of the embedded digits, and the k-shot sample of the pool."""
+def digit_splits(cfg: Config) -> dict[str, list[Record]]:
+    """Stratified warm-up / pool / test split of the embedded digits (the demo's and the sweep's)."""
     d = cfg.demo
     total = d.warmup_records + d.pool_records + d.test_records
     records = mnist_records(limit=total, size=cfg.data.image_size)
-    splits = split_records(records, {"warmup": d.warmup_records, "pool": d.pool_records, "test": d.test_records},
-                           seed=d.seed, stratify_key="label")
-    splits["kshot"] = sample_k_shot(splits.pop("pool"), d.k, seed=d.seed)
+    return split_records(records, {"warmup": d.warmup_records, "pool": d.pool_records, "test": d.test_records},
+                         seed=d.seed, stratify_key="label")
+
+
+def _digit_splits(cfg: Config) -> dict[str, list[Record]]:
+    """The demo's digit splits with the pool replaced by its k-shot sample."""
+    splits = digit_splits(cfg)
+    splits["kshot"] = sample_k_shot(splits.pop("pool"), cfg.demo.k, seed=cfg.demo.seed)
     return splits
 
 

@@ -38,7 +38,7 @@ def load_records(
 
     `path` may be a `.json` list or `.jsonl` file, a `save_to_disk` directory (Dataset or
     DatasetDict), a `.parquet` file or a directory of them, an ImageFolder directory,
-    `embedded:mnist` / `embedded:trees`, or a detection source `coco:PATH?...`, `lvis:PATH?...`,
+    `embedded:mnist` / `embedded:sklearn_digits` / `embedded:trees`, or a detection source `coco:PATH?...`, `lvis:PATH?...`,
     `lisa:PATH?...` (see data/coco.py for the options). Append `::split` to pick a split of a directory (default "train").
     Relative image paths resolve against `image_root`, else the data file's folder.
     `limit` keeps the first `limit` rows (in file order). `box_space` (task.box_space resolved) is the
@@ -108,8 +108,13 @@ def _load_embedded(text: str, limit: int | None, box_space: str | None = None) -
         from visual_rft.data.trees import trees_from_spec
 
         return trees_from_spec(name, limit=limit, box_space=box_space)
+    if name == "sklearn_digits":
+        from visual_rft.data.embedded import sklearn_digits_records
+
+        return sklearn_digits_records(limit=limit)
     if name != "mnist":
-        raise DataError(f"{text}: unknown embedded dataset (available: embedded:mnist, embedded:trees)")
+        raise DataError(f"{text}: unknown embedded dataset (available: embedded:mnist, embedded:sklearn_digits, "
+                        "embedded:trees)")
     from visual_rft.data.embedded import mnist_records
 
     return mnist_records(limit=limit)

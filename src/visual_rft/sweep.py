@@ -1,0 +1,288 @@
+"""`visual-rft sweep`: data efficiency measured — SFT vs Visual-RFT over k-shot sizes and seeds.
+
+The protocol (also in the README, "Data efficiency"):
+- one base for every run: the demo's supervised warm-up on its digits (`sweep.base: warmup`, cached
+  on disk under `sweep.base_cache`, keyed by everything that decides it), or `model.name_or_path`;
+- the target data (`sweep.target`: the demo's digit split, or any data source) is cut into a pool,
+  a validation split carved from the pool side, and the held-out split; for every k in `sweep.ks`
+  and seed in `sweep.seeds` the k-shot draw comes from the pool with that seed, and SFT and RFT
+  train from the base on it with that training seed;
+- the same budget for both: every run sees `sweep.images_seen` training images, `images_per_step`
+  per optimiser step (SFT batch size = GRPO prompts per step; GRPO samples G completions of each
+  image, which is the method, not more data), so both take images_seen / images_per_step steps;
+- the same learning-rate search for both: every rate of `sweep.learning_rates` at k = `search_k`,
+  on the first seed, scored on the validation split (never the held-out one); the best is used;
+- every model (base included) is scored on the same held-out split by the same verifier (eval).
+
+Every finished run appends one line to OUT/results.jsonl; a rerun skips those (resume), and the
+table, plot and report are rebuilt from that file (sweep_report.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visual_rft.config import Config, ConfigError, load_config, to_dict
+from visual_rft.data.fewshot import sample_k_shot, split_records
+from visual_rft.data.loaders import load_records
+from visual_rft.data.record import Record
+from visual_rft.demo import _evaluate, _final_model, _phase_config, digit_splits, tokenizer_corpus
+from visual_rft.models import build_tiny_model
+from visual_rft.rewards import resolve_rewards
+from visual_rft.rl.trainer import GRPOTrainer
+from visual_rft.runlog import read_jsonl
+from visual_rft.sft import train_sft
+from visual_rft.sweep_report import write_outputs
+from visual_rft.tasks import CLASS_KEY
+
+METHODS = ("sft", "rft")
+RESULTS = "results.jsonl"
+
+
+def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> Config:
+    from visual_rft.demo import packaged_config
+
+    cfg = load_config(path or packaged_config("sweep_shift.yaml"), overrides)
+    s = cfg.sweep
+    problems = []
+    if not s.ks or any(k < 1 for k in s.ks):
+        problems.append(f"sweep.ks must be positive examples-per-class counts, got {s.ks}")
+    if not s.seeds:
+        problems.append("sweep.seeds is empty")
+    if s.images_per_step < 1 or s.images_seen < s.images_per_step or s.images_seen % s.images_per_step:
+        problems.append(f"sweep.images_seen ({s.images_seen}) must be a positive multiple of "
+                        f"sweep.images_per_step ({s.images_per_step})")
+    if not s.learning_rates or any(lr <= 0 for lr in s.learning_rates):
+        problems.append(f"sweep.learning_rates must be positive, got {s.learning_rates}")
+    if len(s.learning_rates) > 1 and s.val_records < 1:
+        problems.append("sweep.val_records must be >= 1 to search more than one learning rate")
+    if s.target != "demo" and not s.test_records:
+        problems.append(f"sweep.target={s.target} needs sweep.test_records (how many held-out records to carve)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def target_splits(cfg: Config) -> dict[str, list[Record]]:
+    """pool / val / test of the target, and the warm-up records when the base is warmed up here."""
+    s, label = cfg.sweep, CLASS_KEY[cfg.task.name]
+    demo = digit_splits(cfg) if s.base == "warmup" or s.target == "demo" else {}
+    if s.target == "demo":
+        pool, test = demo["pool"], demo["test"][:s.test_records]
+    else:
+        records = load_records(s.target, task=cfg.task.name, image_root=cfg.data.image_root)
+        cut = split_records(records, {"test": s.test_records, "pool": len(records) - s.test_records},
+                            seed=cfg.demo.seed, stratify_key=label)
+        pool, test = cut["pool"], cut["test"]
+    cut = split_records(pool, {"val": s.val_records, "pool": len(pool) - s.val_records},
+                        seed=cfg.demo.seed, stratify_key=label)
+    return {"warmup": demo.get("warmup", []), "pool": cut["pool"], "val": cut["val"], "test": test}
+
+
+def base_model(cfg: Config, warmup: list[Record], log: Any = print) -> Path:
+    """The base every run starts from; a warm-up base is trained once per setting and cached."""
+    if cfg.sweep.base == "model":
+        return Path(cfg.model.name_or_path)
+    decided_by = {"demo": to_dict(cfg.demo), "image_size": cfg.data.image_size, "task": to_dict(cfg.task),
+                  "sft": to_dict(cfg.sft), "model": to_dict(cfg.model)}
+    digest = hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    home = Path(cfg.sweep.base_cache) / digest
+    marker = home / "base.json"
+    if marker.is_file():
+        log(f"base: reusing {home} (cached warm-up)")
+        return home / json.loads(marker.read_text())["model"]
+    shutil.rmtree(home, ignore_errors=True)  # an unfinished warm-up is redone from scratch
+    log(f"base: warming up into {home} ({cfg.demo.warmup_steps} SFT steps on {len(warmup)} records)")
+    d = cfg.demo
+    tiny = build_tiny_model(home / "tiny-model", seed=d.seed, image_size=cfg.data.image_size or 56,
+                            corpus=tokenizer_corpus(cfg, warmup))
+    warm = _phase_config(cfg, home / "base", tiny, max_steps=d.warmup_steps, batch_size=d.warmup_batch_size,
+                         learning_rate=d.warmup_learning_rate)
+    warm.output.progress = False
+    model = _final_model(train_sft(warm, warmup))
+    # relative to the cache folder, so the cache can move or be read from another working directory
+    marker.write_text(json.dumps({"model": str(model.relative_to(home)), "decided_by": decided_by}, indent=2,
+                                 default=str))
+    return model
+
+
+@dataclass
+class Job:
+    phase: str  # "base" (the base on held-out), "search" (on validation) or "grid" (on held-out)
+    method: str  # base / sft / rft
+    k: int = 0
+    seed: int = 0
+    learning_rate: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}/{self.method}/k{self.k}/s{self.seed}/lr{self.learning_rate:g}"
+
+
+@dataclass
+class Sweep:
+    cfg: Config
+    out: Path
+    splits: dict[str, list[Record]]
+    base: Path
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def run(self, job: Job, index: int, total: int) -> dict[str, Any]:
+        if job.key in self.done:
+            return self.done[job.key]
+        began = time.perf_counter()
+        run_dir = self.out / "runs" / job.key.replace("/", "-")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off earlier starts over
+        kshot = self.kshot(job.k, job.seed) if job.phase != "base" else []
+        model = self.base if job.phase == "base" else self.train(job, kshot, run_dir)
+        trained = time.perf_counter()
+        split = "val" if job.phase == "search" else "test"
+        metrics = _evaluate(self.eval_config(), model, self.splits[split], run_dir / "eval")
+        for ckpt in run_dir.glob("checkpoint-*"):  # the weights are not needed once scored
+            shutil.rmtree(ckpt)
+        value = metrics[self.cfg.sweep.metric] if self.cfg.sweep.metric in metrics else None
+        if value is None:
+            raise ConfigError(f"sweep.metric={self.cfg.sweep.metric} is not in eval's metrics ({sorted(metrics)})")
+        row = {"key": job.key, "phase": job.phase, "method": job.method, "k": job.k, "seed": job.seed,
+               "learning_rate": job.learning_rate, "steps": self.steps if job.phase != "base" else 0,
+               "kshot_records": len(kshot), "eval_split": split, "eval_records": len(self.splits[split]),
+               "metric": self.cfg.sweep.metric, "value": value,
+               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+               "seconds": {"train": round(trained - began, 1), "eval": round(time.perf_counter() - trained, 1)}}
+        with open(self.out / RESULTS, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.done[job.key] = row
+        elapsed = time.perf_counter() - self.started
+        print(f"[{index}/{total}] {job.phase} {job.method} k={job.k} seed={job.seed} lr={job.learning_rate:g}: "
+              f"{row['metric']} {value:.3f} on {row['eval_records']} {split} "
+              f"({time.perf_counter() - began:.0f} s; elapsed {elapsed / 60:.1f} min)", flush=True)
+        return row
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.sweep.images_seen // self.cfg.sweep.images_per_step
+
+    def kshot(self, k: int, seed: int) -> list[Record]:
+        return sample_k_shot(self.splits["pool"], k, seed=seed, label_key=CLASS_KEY[self.cfg.task.name])
+
+    def eval_config(self) -> Config:
+        cfg = _phase_config(self.cfg, self.out, self.base)
+        cfg.output.progress = False
+        return cfg
+
+    def train(self, job: Job, records: list[Record], run_dir: Path) -> Path:
+        """One SFT or RFT run from the base: `steps` steps of `images_per_step` images at the job's rate."""
+        cfg = _phase_config(self.cfg, run_dir, self.base)
+        cfg.output.progress = False
+        per_step = self.cfg.sweep.images_per_step
+        if job.method == "sft":
+            s = cfg.sft
+            s.max_steps, s.batch_size, s.grad_accum_steps, s.learning_rate, s.seed = (
+                self.steps, per_step, 1, job.learning_rate, job.seed)
+            return _final_model(train_sft(cfg, records))
+        g = cfg.grpo
+        g.max_steps, g.per_device_batch_size, g.grad_accum_steps, g.learning_rate, g.seed = (
+            self.steps, per_step, 1, job.learning_rate, job.seed)
+        rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
+        return _final_model(GRPOTrainer(cfg, records, rewards).fit())
+
+
+def _settings(cfg: Config) -> dict[str, Any]:
+    """What decides a run's result: all but the grid's extent, so ks / seeds can grow on resume."""
+    tree = to_dict(cfg)
+    for key in ("ks", "seeds", "base_cache"):
+        tree["sweep"].pop(key)
+    tree["output"] = {}
+    if cfg.sweep.base == "warmup":  # the warm-up builds its own tiny model
+        tree["model"].pop("name_or_path")
+    return tree
+
+
+def _open_out(cfg: Config, out: Path) -> dict[str, dict[str, Any]]:
+    """Create OUT or check that it holds a sweep of the same settings; the finished runs by key."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps(_settings(cfg), default=str))
+    saved = out / "sweep.json"
+    if saved.is_file():
+        changed = _changed(json.loads(saved.read_text()), settings)
+        if changed:
+            raise ConfigError(f"{out} holds a sweep with other settings ({', '.join(changed)} differ); "
+                              "use another --out or delete it")
+    saved.write_text(json.dumps(settings, indent=2))
+    return {row["key"]: row for row in read_jsonl(out / RESULTS)} if (out / RESULTS).is_file() else {}
+
+
+def _changed(before: dict[str, Any], now: dict[str, Any], where: str = "") -> list[str]:
+    """Dotted keys whose values differ; keys only one side has are skipped, so a config field
+    added by a later version of this package does not orphan a finished sweep."""
+    out = []
+    for key in before.keys() & now.keys():
+        a, b, path = before[key], now[key], f"{where}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, path + ".")
+        elif a != b:
+            out.append(path)
+    return sorted(out)
+
+
+def plan(cfg: Config, best: dict[str, float] | None) -> list[Job]:
+    """The base, the learning-rate search, then the grid seed by seed (a cut-off sweep has whole seeds)."""
+    s = cfg.sweep
+    jobs = [Job("base", "base")]
+    if len(s.learning_rates) > 1:
+        jobs += [Job("search", m, s.search_k, s.seeds[0], lr) for m in METHODS for lr in s.learning_rates]
+    lrs = best or {m: s.learning_rates[0] for m in METHODS}
+    jobs += [Job("grid", m, k, seed, lrs[m]) for seed in s.seeds for k in s.ks for m in METHODS]
+    return jobs
+
+
+def best_rates(cfg: Config, done: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per method, the searched rate with the best validation metric (ties: the first listed)."""
+    s = cfg.sweep
+    if len(s.learning_rates) == 1:
+        return {m: s.learning_rates[0] for m in METHODS}
+    best = {}
+    for method in METHODS:
+        scores = [done[Job("search", method, s.search_k, s.seeds[0], lr).key]["value"] for lr in s.learning_rates]
+        best[method] = s.learning_rates[scores.index(max(scores))]
+    return best
+
+
+def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None = None,
+              overrides: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
+    cfg = load_sweep_config(config_path, overrides)
+    out = Path(out_dir or f"runs/{Path(config_path or 'sweep_shift').stem}")
+    done = _open_out(cfg, out)
+    if report_only:  # the table, plot and report of the runs finished so far (e.g. of a cut-off sweep)
+        if not all(j.key in done for j in plan(cfg, None) if j.phase == "search"):
+            raise ConfigError(f"{out}: the learning-rate search has not finished; nothing to tabulate yet")
+        return write_outputs(cfg, out, list(done.values()), best_rates(cfg, done))
+    splits = target_splits(cfg)
+    sweep = Sweep(cfg, out, splits, Path("."), done)
+    sweep.base = base_model(cfg, splits["warmup"])
+    searched = all(j.key in done for j in plan(cfg, None) if j.phase == "search")
+    planned = plan(cfg, best_rates(cfg, done) if searched else None)
+    total, finished = len(planned), sum(job.key in done for job in planned)
+    print(f"sweep: {total} runs ({finished} already finished in {out / RESULTS}); each trains "
+          f"{sweep.steps} steps x {cfg.sweep.images_per_step} images; pool {len(splits['pool'])}, "
+          f"validation {len(splits['val'])}, held-out {len(splits['test'])}", flush=True)
+    search = [j for j in plan(cfg, None) if j.phase != "grid"]
+    for index, job in enumerate(search, 1):
+        sweep.run(job, index, total)
+    best = best_rates(cfg, sweep.done)
+    print(f"learning rates (best on validation at k={cfg.sweep.search_k}): {best}", flush=True)
+    paths = write_outputs(cfg, out, list(sweep.done.values()), best)
+    for index, job in enumerate(plan(cfg, best)[len(search):], len(search) + 1):
+        if job.key not in sweep.done:  # the table is current after every run: a cut-off sweep still has one
+            sweep.run(job, index, total)
+            paths = write_outputs(cfg, out, list(sweep.done.values()), best)
+    print(Path(paths["table_md"]).read_text(), flush=True)
+    print(f"wall time {(time.perf_counter() - sweep.started) / 60:.1f} min; report: {paths['report']}")
+    return paths

