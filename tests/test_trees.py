@@ -147,7 +147,8 @@ def test_pixel_boxes_with_a_square_resize_are_refused_early(tmp_path):
     except DataError as exc:
         pytest.skip(str(exc))
     spec = "embedded:trees::test?tile=56&box_space=pixels"
-    cfg = load_config(None, ["task.name=detection", f"data.eval={spec}", "data.image_size=28"])
+    cfg = load_config(None, ["task.name=detection", f"data.eval={spec}", "data.image_size=28",
+                             "task.box_space=qwen2vl"])  # the source's own box_space=pixels wins
     with pytest.raises(ConfigError, match=r"'pixels' of a 56x56 frame.*data.image_size=28"):
         load_split(cfg, "eval")
     cfg.data.image_size = 56  # the tiles' own size: nothing moves

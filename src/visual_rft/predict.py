@@ -23,7 +23,7 @@ from visual_rft.report_images import PALETTE, Boxes, draw_image
 from visual_rft.rewards import resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages
 from visual_rft.rl.fast import generate_grouped
-from visual_rft.runtime import make_accelerator, prompt_batch, record_image
+from visual_rft.runtime import make_accelerator, prompt_batch, record_image, resolve_box_space
 from visual_rft.tasks.boxes import BoxSpace
 from visual_rft.tasks.prompts import build_prompt
 
@@ -65,7 +65,7 @@ def _image_record(image: str, cfg: Config, solution: str | None, fields: dict[st
     shown = record_image(record, cfg.data.image_size)  # ValueError naming the file if it does not decode
     defaults: dict[str, Any] = {"image_size": list(shown.size)}
     if cfg.task.name == "detection":
-        defaults["box_space"] = str(getattr(cfg.task, "box_space", None) or BoxSpace.QWEN2VL.value)
+        defaults["box_space"] = resolve_box_space(cfg)  # task.box_space, `auto` = the model family's
     record.fields = {**defaults, **fields}
     build_prompt(record, cfg.task)  # a question template's missing field is named now, not after loading
     if solution:
@@ -143,7 +143,7 @@ def predict_image(spec: str, image: str, *, question: str | None = None, task: s
     with torch.no_grad():
         _, mask, texts = generate_grouped(model, processor.tokenizer, inputs, samples, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
-                                          suppress_ids=vision_token_ids(processor))
+                                          suppress_ids=vision_token_ids(processor, getattr(model, "config", None)))
     parse = task_module(cfg.task.name).parse_answer
     answers = [parse(text, mode=cfg.task.mode, **record.columns()) for text in texts]
     rows = [{"completion": text, "answer": answer, "parsed": answer is not None, "tokens": int(mask[i].sum())}
