@@ -30,11 +30,11 @@ _PACKABLE_ATTENTION = ("sdpa", "eager")
 def prompt_positions(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """M-RoPE position ids [3, B, P] of the prompts and the next text position after each [B].
 
-    None for a model without Qwen-VL's get_rope_index (the fast paths then fall back).
+    None where `mrope_blocker` says these positions cannot be computed (the fast paths then fall back).
     """
-    base = getattr(unwrap_model(model), "model", None)
-    if not hasattr(base, "get_rope_index") or "mm_token_type_ids" not in inputs:
+    if mrope_blocker(model, inputs) is not None:
         return None
+    base = unwrap_model(model).model
     extra = {k: inputs[k] for k in _ROPE_KEYS if inputs.get(k) is not None}
     mask = inputs["attention_mask"]
     positions, deltas = base.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
@@ -73,6 +73,16 @@ def default_sampler(device: torch.device | str) -> str:
     return "inverse_cdf" if torch.device(device).type == "cpu" else "multinomial"
 
 
+def mrope_blocker(model: Any, inputs: dict[str, torch.Tensor] | None) -> str | None:
+    """Why the prompt's M-RoPE positions cannot be computed and continued here (None: they can).
+    Cheap: both fast paths ask it before any position is computed."""
+    if inputs is None or "mm_token_type_ids" not in inputs:
+        return "the batch has no per-group prompt tensors with mm_token_type_ids"
+    if not hasattr(getattr(unwrap_model(model), "model", None), "get_rope_index"):
+        return "the model has no Qwen-VL get_rope_index to continue the prompt's positions"
+    return None
+
+
 def prefill_once_blocker(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int) -> str | None:
     """Why `generate_grouped` cannot prefill each prompt once for this model and batch (None: it can)."""
     if group_size == 1:
@@ -80,9 +90,7 @@ def prefill_once_blocker(model: Any, group_inputs: dict[str, torch.Tensor], grou
     paths = fast_paths(model)  # the family's decision (families.py)
     if not paths.prefill_once:
         return paths.prefill_reason
-    if prompt_positions(model, group_inputs) is None:
-        return "the model has no Qwen-VL get_rope_index to continue the prompt's positions"
-    return None
+    return mrope_blocker(model, group_inputs)
 
 
 def _draw(scores: torch.Tensor, sampling: bool, sampler: str) -> torch.Tensor:
@@ -143,10 +151,10 @@ def generate_grouped(
     `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
     """
     blocked = not prefill_once or prefill_once_blocker(model, group_inputs, group_size) is not None
-    prompt = None if blocked else prompt_positions(model, group_inputs)
-    if prompt is None:  # switched off, nothing to share, or positions this code cannot continue
+    if blocked:  # switched off, nothing to share, or positions this code cannot continue
         return generate(model, tokenizer, repeat_inputs(group_inputs, group_size), max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
+    prompt = prompt_positions(model, group_inputs)
     out = model(**group_inputs, use_cache=True, logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     # transformers renamed past_key_values to cache (5.2x); under the old name a `cache=` keyword is
@@ -211,14 +219,13 @@ def packing_blocker(model: Any, rollout: Rollout) -> str | None:
     paths = fast_paths(model)  # e.g. no packing with recurrent layers: completions would share their state
     if not paths.packed_scoring:
         return paths.packing_reason
-    if rollout.group_inputs is None or "mm_token_type_ids" not in rollout.group_inputs:
-        return "the batch has no per-group prompt tensors with mm_token_type_ids"
+    rope = mrope_blocker(model, rollout.group_inputs)
+    if rope is not None:
+        return rope
     if _attention_kind(model) not in _PACKABLE_ATTENTION:
         return f"attention {_attention_kind(model)!r} takes no 4-D mask (packing needs sdpa or eager)"
     if lm_head_weight(model) is None:
         return "the LM head is not a plain, whole Linear (sharded, soft-capped or adapted)"
-    if not hasattr(getattr(unwrap_model(model), "model", None), "get_rope_index"):
-        return "the model has no Qwen-VL get_rope_index to continue the prompt's positions"
     if not packing_pays(model, rollout.group_inputs["input_ids"].size(1), rollout.completion_ids.size(1),
                         rollout.group_size):
         return "one row per completion is cheaper here (long completions or groups of one)"
