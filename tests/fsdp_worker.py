@@ -1,10 +1,13 @@
 """Run by tests/test_sharding.py under torchrun (2 CPU processes, gloo): a real FSDP-1 model.
 
-Prints one JSON line per rank: did greedy generation inside full_weights_for_generation give the
+Writes one JSON file per rank (rank<N>.json in the folder given as argv[1]; two ranks printing to one
+shared stdout can interleave their lines): did greedy generation inside full_weights_for_generation give the
 unsharded model's tokens, and how far are the FSDP model's completion log-probs from the plain ones."""
 
 import json
+import sys
 import types
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,9 +43,10 @@ def main() -> None:
         ids2, mask2, _ = generate_grouped(policy, processor.tokenizer, group, 2, **settings)
     with torch.no_grad():
         logp = rollout_logprobs(sharded, rollout)
-    print(json.dumps({"rank": dist.get_rank(), "head_used": lm_head_weight(sharded) is not None,
-                      "same_tokens": torch.equal(ids, ids2) and torch.equal(mask, mask2),
-                      "logp_diff": (logp - plain)[mask.bool()].abs().max().item()}), flush=True)
+    result = {"rank": dist.get_rank(), "head_used": lm_head_weight(sharded) is not None,
+              "same_tokens": torch.equal(ids, ids2) and torch.equal(mask, mask2),
+              "logp_diff": (logp - plain)[mask.bool()].abs().max().item()}
+    (Path(sys.argv[1]) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 

@@ -83,7 +83,7 @@ def test_sharded_weights_never_reach_the_chunked_head(tiny_model_dir):
     assert is_sharded(torch.nn.Parameter(torch.empty(0)))  # an FSDP-1 view outside forward
 
 
-def test_real_fsdp_on_two_cpu_processes_generates_and_scores_like_the_plain_model():
+def test_real_fsdp_on_two_cpu_processes_generates_and_scores_like_the_plain_model(tmp_path):
     """FSDP-1 (use_orig_params, gloo, 2 ranks): generation inside the gather gives the unsharded
     model's greedy tokens, and scoring through the FSDP model (logits path, never the shard) gives
     its log-probs. DeepSpeed ZeRO-3 needs GPUs; it is exercised by the gpu-marked launch test."""
@@ -99,9 +99,9 @@ def test_real_fsdp_on_two_cpu_processes_generates_and_scores_like_the_plain_mode
     worker = Path(__file__).parent / "fsdp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(torchrun if torchrun.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2",
-                           str(worker)], env=env, capture_output=True, text=True, timeout=300)
+                           str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for row in rows:
         assert not row["head_used"]  # a rank's slice never reaches the chunked head
