@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/visual-rft demo --out runs/demo
 
 # Data efficiency (README "Data efficiency"): SFT vs Visual-RFT, k = 1..16 per class x 3 seeds, one
-# cached base; each preset writes runs/sweep-NAME/{table.md,table.json,sweep.png,report.html}.
+# cached base; each preset writes runs/PRESET/{table.md,table.json,sweep.png,report.html}.
 # Rerunning resumes. SWEEP_PRESETS=sweep_shift runs only the domain-shift preset.
 SWEEP_PRESETS ?= sweep_shift sweep_digits
 sweep: setup
