@@ -161,5 +161,5 @@ def sweep_folder_section(folder: Path) -> str:
     if not isinstance(summary, dict) or not (folder / PLOT).is_file():
         # the table is first written once the learning-rate search has finished
         return section("sweep", f"data efficiency ({folder.name})",
-                       note(f"no {TABLE} and {PLOT} yet: the sweep's learning-rate search has not finished"))
+                       note(f"no {TABLE} and {PLOT} yet: the learning-rate search of this sweep has not finished"))
     return sweep_section(summary, folder / PLOT, sweep_title(summary.get("target"), folder))
