@@ -19,7 +19,7 @@ from visual_rft.export import export_model
 from visual_rft.model_source import load_source, resolve_model_source, source_config
 from visual_rft.models import load_processor
 from visual_rft.predict import _draw, format_prediction, predict_image
-from visual_rft.report_images import GT_COLOR, PALETTE
+from visual_rft.report.images import GT_COLOR, PALETTE
 from visual_rft.rl.rollout import completion_logprobs
 from visual_rft.rl.trainer import train_grpo
 from visual_rft.runtime import load_split, prompt_batch
@@ -161,7 +161,7 @@ def test_predict_draws_the_solution_and_each_samples_boxes(tmp_path, tiny_model_
     record = Record(image=image, problem="", solution=solution, fields={"box_space": "qwen2vl", "image_size": [200, 100]})
     _draw(cfg, record, [[((0, 0, 500, 500), 0.9)], None], tmp_path / "two.png")
     drawn = Image.open(tmp_path / "two.png").convert("RGB")
-    scale = drawn.width / 200  # report_images shows small images enlarged
+    scale = drawn.width / 200  # report/images.py shows small images enlarged
     hex_rgb = lambda c: tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))  # noqa: E731
     assert drawn.getpixel((round(20 * scale), round(50 * scale))) == hex_rgb(GT_COLOR)  # gt left edge: x = 0.1 * 200
     assert drawn.getpixel((round(60 * scale), round(50 * scale) - 1)) == hex_rgb(PALETTE[0])  # sample 1 bottom edge

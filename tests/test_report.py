@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visual_rft.report import report_command, write_report
-from visual_rft.report_read import Series, choose_groups, sample_rollouts
+from visual_rft.report.build import report_command, write_report
+from visual_rft.report.read import Series, choose_groups, sample_rollouts
 
 HOSTILE = "<script>alert(1)</script>"
 CONFIG = "task:\n  name: classification\n  mode: strict\ngrpo:\n  beta: 0.04  # config-marker <b>\n"
@@ -292,7 +292,7 @@ def test_renders_in_headless_chromium(tmp_path):
 def test_reward_panels_take_their_y_range_from_the_data():
     from matplotlib.figure import Figure
 
-    from visual_rft.report_plots import draw_panel, reward_panels
+    from visual_rft.report.plots import draw_panel, reward_panels
 
     steps = [float(s) for s in range(1, 21)]
     curves = {"reward/accuracy_mean": Series(), "reward/accuracy_std": Series()}

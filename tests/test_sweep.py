@@ -148,3 +148,36 @@ def test_tiny_sweep_trains_for_real_from_one_cached_base(tmp_path):
     for cell in table["cells"]:
         values = sorted(r["value"] for r in rows if r["k"] == cell["k"] and r["method"] == cell["method"])
         assert sorted(cell["values"]) == values
+
+
+def _section(html: str, anchor: str) -> str:
+    return html.split(f'id="{anchor}">')[1].split("</section>")[0]
+
+
+def test_report_command_shows_a_sweep_folder_as_the_sweeps_own_report_does(tmp_path, fake_training, capsys):
+    out = tmp_path / "sweep"
+    assert _run(out, "sweep.learning_rates=[1.0e-3]") == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "page.html")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"report": str(tmp_path / "page.html")}
+    page = (tmp_path / "page.html").read_text()
+    # the table's cells: k=1, seeds 0 and 1 (see fake_value), base 0.25
+    assert "<td>0.156 ± 0.007 (0.151–0.161, n=2)</td><td>0.356 ± 0.007 (0.351–0.361, n=2)</td>" in page
+    assert '<td class="num">0.25</td>' in page and '<a href="#sweep">data efficiency</a>' in page
+    assert "<title>visual-rft report</title>" in page
+    own = (out / "report.html").read_text()
+    assert "<title>visual-rft sweep</title>" in own
+    assert _section(page, "sweep") == _section(own, "sweep")  # one implementation for both pages
+
+
+def test_report_of_a_sweep_before_its_table_says_so(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    base = {"key": "base/base/k0/s0/lr0", "phase": "base", "method": "base", "k": 0, "seed": 0,
+            "learning_rate": 0.0, "steps": 0, "kshot_records": 0, "eval_split": "test", "eval_records": 20,
+            "metric": "accuracy", "value": 0.25, "metrics": {"accuracy": 0.25, "format_rate": 1.0},
+            "seconds": {"train": 0.0, "eval": 1.5}}  # the row Sweep.run appends for the base
+    (out / "results.jsonl").write_text(json.dumps(base) + "\n")
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "no table.json and sweep.png yet: the learning-rate search of this sweep has not finished" in page

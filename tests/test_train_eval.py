@@ -7,7 +7,7 @@ import pytest
 
 from visual_rft.checkpoint import latest_checkpoint
 from visual_rft.evaluate import evaluate_model
-from visual_rft.report import write_report
+from visual_rft.report.build import write_report
 from visual_rft.rl.trainer import train_grpo
 from visual_rft.runlog import read_jsonl
 from visual_rft.runtime import load_policy, load_split

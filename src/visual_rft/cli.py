@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> object:
         from visual_rft.data.fewshot import fewshot_command
         return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key or CLASS_KEY[args.task])
     if args.command == "report":
-        from visual_rft.report import report_command
+        from visual_rft.report.build import report_command
         return report_command(args.runs, args.out)
     if args.command == "predict":
         from visual_rft.predict import format_prediction, predict_image

@@ -24,8 +24,8 @@ from visual_rft.data.fewshot import sample_k_shot, split_records, write_split
 from visual_rft.data.record import Record
 from visual_rft.evaluate import evaluate_model
 from visual_rft.models import build_tiny_model
-from visual_rft.report import write_report
-from visual_rft.report_plots import moving_average
+from visual_rft.report.build import write_report
+from visual_rft.report.plots import moving_average
 from visual_rft.rewards import resolve_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl

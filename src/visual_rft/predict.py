@@ -4,7 +4,7 @@ parsing and rewards of training and eval (no copies of them here).
 One sample decodes greedily, as `eval` does; `--samples N` draws a group the way GRPO does
 (rl/fast.generate_grouped), and with `--solution` each sample gets every configured reward, the
 weighted total and its group advantage. For detection and grounding the predicted boxes (and the
-solution's, in green) are drawn on the image, in the task's box space (report_images)."""
+solution's, in green) are drawn on the image, in the task's box space (report/images.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from visual_rft.data.check import check_records
 from visual_rft.data.record import Record, columns_of
 from visual_rft.model_source import load_source, resolve_model_source, source_config
 from visual_rft.models import vision_token_ids
-from visual_rft.report_images import PALETTE, Boxes, draw_image
+from visual_rft.report.images import PALETTE, Boxes, draw_image
 from visual_rft.rewards import resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages
 from visual_rft.rl.fast import generate_grouped

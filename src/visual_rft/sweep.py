@@ -15,7 +15,7 @@ The protocol (also in the README, "Data efficiency"):
 - every model (base included) is scored on the same held-out split by the same verifier (eval).
 
 Every finished run appends one line to OUT/results.jsonl; a rerun skips those (resume), and the
-table, plot and report are rebuilt from that file (sweep_report.py).
+table, plot and report are rebuilt from that file (report/sweep.py, report/build.py).
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ from visual_rft.data.loaders import load_records
 from visual_rft.data.record import Record
 from visual_rft.demo import _evaluate, _final_model, _phase_config, digit_splits, tokenizer_corpus
 from visual_rft.models import build_tiny_model
+from visual_rft.report.build import write_report
+from visual_rft.report.discover import SWEEP_RESULTS
+from visual_rft.report.sweep import write_tables
 from visual_rft.rewards import resolve_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl
 from visual_rft.sft import train_sft
-from visual_rft.sweep_report import write_outputs
 from visual_rft.tasks import CLASS_KEY
 
 METHODS = ("sft", "rft")
-RESULTS = "results.jsonl"
 
 
 def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> Config:
@@ -156,7 +157,7 @@ class Sweep:
                "metric": self.cfg.sweep.metric, "value": value,
                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                "seconds": {"train": round(trained - began, 1), "eval": round(time.perf_counter() - trained, 1)}}
-        with open(self.out / RESULTS, "a", encoding="utf-8") as handle:
+        with open(self.out / SWEEP_RESULTS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         self.done[job.key] = row
         elapsed = time.perf_counter() - self.started
@@ -216,7 +217,7 @@ def _open_out(cfg: Config, out: Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{out} holds a sweep with other settings ({', '.join(changed)} differ); "
                               "use another --out or delete it")
     saved.write_text(json.dumps(settings, indent=2))
-    return {row["key"]: row for row in read_jsonl(out / RESULTS)} if (out / RESULTS).is_file() else {}
+    return {row["key"]: row for row in read_jsonl(out / SWEEP_RESULTS)} if (out / SWEEP_RESULTS).is_file() else {}
 
 
 def _changed(before: dict[str, Any], now: dict[str, Any], where: str = "") -> list[str]:
@@ -255,6 +256,13 @@ def best_rates(cfg: Config, done: dict[str, dict[str, Any]]) -> dict[str, float]
     return best
 
 
+def write_outputs(cfg: Config, out: Path, rows: list[dict[str, Any]], best: dict[str, float]) -> dict[str, str]:
+    """The table, plot and report of the runs finished so far; the report is `visual-rft report OUT`'s page."""
+    paths = write_tables(cfg, out, rows, best)
+    report = write_report([out], out / "report.html", title="visual-rft sweep")
+    return {**paths, "report": str(report), "results": str(out / SWEEP_RESULTS)}
+
+
 def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None = None,
               overrides: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
     cfg = load_sweep_config(config_path, overrides)
@@ -270,7 +278,7 @@ def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None 
     searched = all(j.key in done for j in plan(cfg, None) if j.phase == "search")
     planned = plan(cfg, best_rates(cfg, done) if searched else None)
     total, finished = len(planned), sum(job.key in done for job in planned)
-    print(f"sweep: {total} runs ({finished} already finished in {out / RESULTS}); each trains "
+    print(f"sweep: {total} runs ({finished} already finished in {out / SWEEP_RESULTS}); each trains "
           f"{sweep.steps} steps x {cfg.sweep.images_per_step} images; pool {len(splits['pool'])}, "
           f"validation {len(splits['val'])}, held-out {len(splits['test'])}", flush=True)
     search = [j for j in plan(cfg, None) if j.phase != "grid"]

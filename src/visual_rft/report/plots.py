@@ -10,7 +10,7 @@ import io
 import math
 from typing import Sequence
 
-from visual_rft.report_read import Series
+from visual_rft.report.read import Series
 
 # (label, steps, values, std band or None)
 Line = tuple[str, Sequence[float], Sequence[float], Sequence[float] | None]

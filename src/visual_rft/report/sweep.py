@@ -1,21 +1,23 @@
-"""The sweep's outputs, rebuilt from its results.jsonl: a table (JSON + markdown), the data-efficiency
-plot (held-out metric vs examples per class: SFT and RFT means with their seed range, the base as a
-line) and an HTML report holding both (report_html's page and sections)."""
+"""A data-efficiency sweep's outputs, rebuilt from its results.jsonl: the table (JSON + markdown),
+the plot (held-out metric vs examples per class: SFT and RFT means with their seed range, the base as
+a line) and the report's section showing both. `visual-rft sweep` writes the table and plot here
+(write_tables); the report reads them back from the sweep's folder (sweep_folder_section), for the
+sweep's own report.html and for `visual-rft report SWEEP_DIR` alike."""
 
 from __future__ import annotations
 
 import base64
 import json
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from visual_rft.config import Config
-from visual_rft.report_html import img, note, page, section, sub, table
+from visual_rft.report.html import img, note, section, sub, table
 
 NAMES = {"sft": "SFT", "rft": "Visual-RFT"}
 COLORS = {"sft": "tab:blue", "rft": "tab:orange"}
+TABLE, TABLE_MD, PLOT = "table.json", "table.md", "sweep.png"  # in the sweep's folder, next to its results.jsonl
 
 
 def cell_stats(values: Sequence[float]) -> dict[str, Any]:
@@ -137,15 +139,27 @@ def sweep_section(summary: dict[str, Any], plot_path: Path, title: str) -> str:
     return section("sweep", title, body)
 
 
-def write_outputs(cfg: Config, out: Path, rows: list[dict[str, Any]], best: dict[str, float]) -> dict[str, str]:
+def sweep_title(target: str, folder: Path) -> str:
+    return f"data efficiency: {target} ({folder.name})"
+
+
+def write_tables(cfg: Config, out: Path, rows: list[dict[str, Any]], best: dict[str, float]) -> dict[str, str]:
+    """The sweep's table (JSON and markdown) and plot in `out`, from its finished runs' rows."""
     summary = summarize(cfg, rows, best)
-    title = f"data efficiency: {cfg.sweep.target} ({out.name})"
-    (out / "table.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(markdown(summary))
-    png = plot(summary, out / "sweep.png", title)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    html = page("visual-rft sweep", f"{out} · generated {stamp}", [("sweep", "data efficiency")],
-                sweep_section(summary, png, title))
-    (out / "report.html").write_text(html, encoding="utf-8")
-    return {"table_json": str(out / "table.json"), "table_md": str(out / "table.md"), "plot": str(png),
-            "report": str(out / "report.html"), "results": str(out / "results.jsonl")}
+    (out / TABLE).write_text(json.dumps(summary, indent=2))
+    (out / TABLE_MD).write_text(markdown(summary))
+    png = plot(summary, out / PLOT, sweep_title(cfg.sweep.target, out))
+    return {"table_json": str(out / TABLE), "table_md": str(out / TABLE_MD), "plot": str(png)}
+
+
+def sweep_folder_section(folder: Path) -> str:
+    """The section of a sweep's folder, from the table and plot `write_tables` left there."""
+    try:
+        summary = json.loads((folder / TABLE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict) or not (folder / PLOT).is_file():
+        # the table is first written once the learning-rate search has finished
+        return section("sweep", f"data efficiency ({folder.name})",
+                       note(f"no {TABLE} and {PLOT} yet: the learning-rate search of this sweep has not finished"))
+    return sweep_section(summary, folder / PLOT, sweep_title(summary.get("target"), folder))

@@ -1,119 +1,43 @@
-"""`visual-rft report RUN [RUN ...]`: one self-contained static HTML page per set of runs.
+"""`visual-rft report RUN [RUN ...]`: one self-contained static HTML page per set of folders.
 
-A run directory is a training run (metrics.jsonl, rollouts.jsonl, config.yaml), an eval output
-(predictions.jsonl, metrics.json) or a demo (results.json with base/, sft/, rft/ and eval/).
-The page shows each run's resolved config, its curves, a bounded gallery of sampled rollouts
-(image, prompt, the G completions with their per-component rewards and advantage, boxes drawn for
-detection/grounding), eval tables (confusion matrix, per-category AP, examples) and, for several
-runs, base vs SFT vs RFT side by side. Files are streamed; see report_read for the bounds.
+The folders are training runs, eval outputs, demos and sweeps (discover.py tells which). The page
+shows each run's resolved config, its curves, a bounded gallery of sampled rollouts (image, prompt,
+the G completions with their per-component rewards and advantage, boxes drawn for
+detection/grounding), eval tables (confusion matrix, per-category AP, examples), for several runs
+base vs SFT vs RFT side by side, and a sweep's data-efficiency table and plot (sweep.py). Files are
+streamed; see read.py for the bounds. The top of the report package: it imports every other layer.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from visual_rft.report_html import (CompletionView, bar_table, confusion_table, details, esc, group_html, img,
+from visual_rft.report.discover import DEMO_PHASES, Run, config_text, discover
+from visual_rft.report.html import (CompletionView, bar_table, confusion_table, details, esc, group_html, img,
                                     note, page, section, sub, table)
-from visual_rft.report_images import PALETTE, DataSpec, ImageFinder, infer_task, read_boxes, render_image
-from visual_rft.report_plots import bars_png, group_curves, group_panels, overlay_panels, panels_png
-from visual_rft.report_read import (NO_ANSWER, PREDICTION_KEYS, ROLLOUT_KEYS, Series, confusion_matrix, is_correct,
+from visual_rft.report.images import PALETTE, DataSpec, ImageFinder, infer_task, read_boxes, render_image
+from visual_rft.report.plots import bars_png, group_curves, group_panels, overlay_panels, panels_png
+from visual_rft.report.read import (NO_ANSWER, PREDICTION_KEYS, ROLLOUT_KEYS, Series, confusion_matrix, is_correct,
                                     is_number, iter_jsonl, read_curves, read_predictions, reward_keys,
                                     sample_rollouts)
-
-DEMO_PHASES = {"base": "base (supervised warm-up)", "sft": "SFT", "rft": "Visual-RFT (GRPO)"}
-
-
-@dataclass
-class Run:
-    name: str
-    path: Path
-    kind: str  # "train" or "eval"
-    task: dict[str, Any] = field(default_factory=dict)  # the config's `task` section, when known
-
-    @property
-    def anchor(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.kind}-{self.name}")
+from visual_rft.report.sweep import sweep_folder_section
 
 
-def _config_text(path: Path) -> str | None:
-    """config.yaml of the run, else that of its newest checkpoint."""
-    candidates = [path / "config.yaml"]
-    candidates += sorted(path.glob("checkpoint-*/config.yaml"),
-                         key=lambda p: int(m.group(1)) if (m := re.search(r"(\d+)$", p.parent.name)) else -1,
-                         reverse=True)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8", errors="replace")
-    return None
-
-
-def _task_of(config_text: str | None) -> dict[str, Any]:
-    import yaml
-
-    try:
-        task = (yaml.safe_load(config_text or "") or {}).get("task", {})
-    except (yaml.YAMLError, AttributeError):
-        return {}
-    return task if isinstance(task, dict) else {}
-
-
-def _datasets_of(config_text: str | None) -> list[DataSpec]:
+def _datasets_of(text: str | None) -> list[DataSpec]:
     """The data.train / data.eval datasets a run's config names: where its records' images are."""
     import yaml
 
     try:
-        cfg = yaml.safe_load(config_text or "") or {}
+        cfg = yaml.safe_load(text or "") or {}
         data, task = cfg.get("data") or {}, (cfg.get("task") or {}).get("name") or "classification"
         return [DataSpec(str(data[k]), data.get("image_root"), str(task), data.get("limit"))
                 for k in ("eval", "train") if data.get(k)]
     except (yaml.YAMLError, AttributeError, TypeError):
         return []
-
-
-def _entries(path: Path, name: str, task: dict[str, Any]) -> list[Run]:
-    runs = []
-    if (path / "metrics.jsonl").is_file() or (path / "rollouts.jsonl").is_file():
-        runs.append(Run(name, path, "train", _task_of(_config_text(path)) or task))
-    if (path / "predictions.jsonl").is_file() or (path / "metrics.json").is_file():
-        runs.append(Run(name, path, "eval", task))
-    return runs
-
-
-def discover(run_dirs: Sequence[str | Path]) -> tuple[list[Run], list[Path]]:
-    """The training and eval runs to show, with demos expanded into their phases, and the demos."""
-    runs: list[Run] = []
-    demos: list[Path] = []
-    for raw in run_dirs:
-        path = Path(raw)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such run directory")
-        if (path / "results.json").is_file():
-            demos.append(path)
-            task = _task_of(_config_text(path / "rft"))
-            found = [r for phase in DEMO_PHASES for r in _entries(path / phase, phase, task)]
-            found += [r for phase in DEMO_PHASES for r in _entries(path / "eval" / phase, phase, task)]
-        else:
-            found = _entries(path, path.name or str(path), {})
-        if not found:
-            raise ValueError(f"{path}: not a run directory (no metrics.jsonl, rollouts.jsonl, predictions.jsonl, "
-                             "metrics.json or results.json)")
-        runs += found
-    _dedupe_names(runs)
-    return runs, demos
-
-
-def _dedupe_names(runs: list[Run]) -> None:
-    """Two runs called `run` (a/run, b/run) are shown as a/run and b/run."""
-    for kind in ("train", "eval"):
-        same = [r for r in runs if r.kind == kind]
-        if len({r.name for r in same}) < len(same):
-            for r in same:
-                r.name = f"{r.path.parent.name}/{r.path.name}"
 
 
 # ---------------------------------------------------------------- sections
@@ -130,7 +54,7 @@ def _mode(run: Run) -> str:
 
 def train_section(run: Run, ctx: Context, budget: int) -> str:
     parts = []
-    config = _config_text(run.path)
+    config = config_text(run.path)
     parts.append(details("resolved config (config.yaml)", config) if config else note("no config.yaml found"))
     curves = ctx.curves.get(run.anchor, {})
     groups = group_curves(list(curves))
@@ -311,30 +235,34 @@ def _budgets(n: int, total: int) -> list[int]:
     return [total // n + (1 if i < total % n else 0) for i in range(n)] if n else []
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, max_rollouts: int = 24) -> Path:
-    """Write one self-contained HTML report of `run_dirs` to `out` (default RUN_DIRS[0]/report.html)."""
+def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, max_rollouts: int = 24,
+                 title: str = "visual-rft report") -> Path:
+    """Write one self-contained HTML report of `run_dirs` to `out` (default RUN_DIRS[0]/report.html).
+    `visual-rft sweep` writes its report.html through here too, titled "visual-rft sweep"."""
     if not run_dirs:
         raise ValueError("report: give at least one run directory")
-    runs, demos = discover(run_dirs)
+    found = discover(run_dirs)
+    runs = found.runs
     roots = list(dict.fromkeys(p for r in runs for p in (r.path, r.path.parent, r.path.parent.parent)))
-    ctx = Context(ImageFinder(roots, [d for r in runs for d in _datasets_of(_config_text(r.path))]))
+    ctx = Context(ImageFinder(roots, [d for r in runs for d in _datasets_of(config_text(r.path))]))
     for run in runs:
         if run.kind == "train" and (run.path / "metrics.jsonl").is_file():
             ctx.curves[run.anchor] = read_curves(run.path / "metrics.jsonl")
     with_rollouts = [r for r in runs if r.kind == "train" and (r.path / "rollouts.jsonl").is_file()]
     budget = dict(zip((r.anchor for r in with_rollouts), _budgets(len(with_rollouts), max(0, max_rollouts))))
     comparison = comparison_section(runs, ctx)
-    body = [demo_section(d) for d in demos] + [comparison]
+    body = [demo_section(d) for d in found.demos] + [sweep_folder_section(s) for s in found.sweeps] + [comparison]
     for run in runs:
         body.append(train_section(run, ctx, budget.get(run.anchor, 0)) if run.kind == "train"
                     else eval_section(run, ctx))
-    nav = [("demo", "demo")] * bool(demos) + [("comparison", "comparison")] * bool(comparison)
+    nav = [("demo", "demo")] * bool(found.demos) + [("sweep", "data efficiency")] * bool(found.sweeps)
+    nav += [("comparison", "comparison")] * bool(comparison)
     nav += [(r.anchor, f"{r.kind}: {r.name}") for r in runs]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = f"{', '.join(str(Path(d)) for d in run_dirs)} · generated {stamp}"
     target = Path(out) if out is not None else Path(run_dirs[0]) / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page("visual-rft report", subtitle, nav, "".join(body)), encoding="utf-8")
+    target.write_text(page(title, subtitle, nav, "".join(body)), encoding="utf-8")
     return target
 
 
