@@ -12,8 +12,8 @@ from PIL import Image
 
 from visual_rft.config import Config, ConfigError
 from visual_rft.data.check import check_records, checked
-from visual_rft.data.loaders import load_records
 from visual_rft.data.record import Record
+from visual_rft.data.sources import load_records
 from visual_rft.models import build_model_inputs, load_model_and_processor
 from visual_rft.runlog import tracker_names
 from visual_rft.tasks.prompts import build_prompt
