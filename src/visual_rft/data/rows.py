@@ -56,7 +56,7 @@ def json_or_jsonl_rows(path: Path) -> Iterable[tuple[str, Any]]:
 def hf_disk_rows(target: Path, split: str | None, limit: int | None) -> tuple[Rows, dict[str, list[str]]]:
     """(rows, ClassLabel names per column) of a `save_to_disk` folder (a Dataset, or a DatasetDict's
     `split`, default "train"); image features stay raw {bytes, path}, nothing is decoded here."""
-    import datasets  # a heavy import (~1 s), paid only by runs that read this format
+    import datasets  # seconds to import: paid only by runs that read this format
 
     loaded = datasets.load_from_disk(str(target))
     source = str(target)
@@ -75,7 +75,7 @@ def hf_disk_rows(target: Path, split: str | None, limit: int | None) -> tuple[Ro
 
 def parquet_rows(file: Path, limit: int | None) -> tuple[Rows, dict[str, list[str]]]:
     """(the first `limit` rows, ClassLabel names per column) of one parquet file."""
-    import pyarrow.parquet as pq  # heavy like `datasets` (which brings it), needed only for parquet
+    import pyarrow.parquet as pq  # heavy too, and needed only for parquet
 
     try:
         table = pq.read_table(file)
