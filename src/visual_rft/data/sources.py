@@ -2,6 +2,7 @@
 
 `load_records` picks the loader by the spec's prefix from `_LOADERS`; a spec without a known
 prefix is a path for record_files. Everything below this module knows one format each.
+`fewshot_command` (`visual-rft data fewshot`) lives here because it loads through `load_records`.
 """
 
 from __future__ import annotations
@@ -16,39 +17,6 @@ from visual_rft.data.fewshot import group_by, sample_k_shot, write_split
 from visual_rft.data.record import Record
 from visual_rft.data.record_files import load_record_files
 from visual_rft.data.trees import trees_from_spec
-
-
-def load_records(
-    path: str | Path,
-    *,
-    task: str = "classification",
-    image_root: str | Path | None = None,
-    limit: int | None = None,
-    box_space: str | None = None,
-) -> list[Record]:
-    """Load records from `path`, choosing the reader by what `path` is.
-
-    `path` may be a `.json` list or `.jsonl` file, a `save_to_disk` directory (Dataset or
-    DatasetDict), a `.parquet` file or a directory of them, an ImageFolder directory,
-    `embedded:mnist` / `embedded:sklearn_digits` / `embedded:trees`, or a detection source `coco:PATH?...`, `lvis:PATH?...`,
-    `lisa:PATH?...` (see data/detection_source.py for the options). Append `::split` to pick a split of a directory (default "train").
-    Relative image paths resolve against `image_root`, else the data file's folder.
-    `limit` keeps the first `limit` rows (in file order). `box_space` (task.box_space resolved) is the
-    default for sources that convert boxes themselves and for records without a box_space field; a
-    source's own `?box_space=` and a record's field win.
-    """
-    if limit is not None and limit <= 0:
-        raise DataError(f"limit must be positive, got {limit}")
-    text = str(path)
-    prefix, sep, _ = text.partition(":")
-    loader = (_LOADERS.get(prefix) if sep else None) or load_record_files
-    records = loader(text, task=task, image_root=image_root, limit=limit, box_space=box_space)
-    # Files and annotation specs are the user's: no records there is a mistake worth stopping on.
-    # The embedded sets ship with their packages and are returned as they come, as they always were.
-    if not records and loader is not _load_embedded:
-        raise DataError(f"no records in {path}")
-    return records
-
 
 _DIGITS = {"mnist": mnist_records, "sklearn_digits": sklearn_digits_records}
 
@@ -77,6 +45,39 @@ _LOADERS: dict[str, Callable[..., list[Record]]] = {
     "lvis": _load_annotations,
     "lisa": _load_annotations,
 }
+
+
+def load_records(
+    path: str | Path,
+    *,
+    task: str = "classification",
+    image_root: str | Path | None = None,
+    limit: int | None = None,
+    box_space: str | None = None,
+) -> list[Record]:
+    """Load records from `path`, choosing the reader by what `path` is.
+
+    `path` may be a `.json` list or `.jsonl` file, a `save_to_disk` directory (Dataset or
+    DatasetDict), a `.parquet` file or a directory of them, an ImageFolder directory,
+    `embedded:mnist` / `embedded:sklearn_digits` / `embedded:trees`, or a detection source
+    `coco:PATH?...`, `lvis:PATH?...`, `lisa:PATH?...` (see data/detection_source.py for the options).
+    Append `::split` to pick a split of a directory (default "train").
+    Relative image paths resolve against `image_root`, else the data file's folder.
+    `limit` keeps the first `limit` rows (in file order). `box_space` (task.box_space resolved) is the
+    default for sources that convert boxes themselves and for records without a box_space field; a
+    source's own `?box_space=` and a record's field win.
+    """
+    if limit is not None and limit <= 0:
+        raise DataError(f"limit must be positive, got {limit}")
+    text = str(path)
+    prefix, sep, _ = text.partition(":")
+    loader = (_LOADERS.get(prefix) if sep else None) or load_record_files
+    records = loader(text, task=task, image_root=image_root, limit=limit, box_space=box_space)
+    # Files and annotation specs are the user's: no records there is a mistake worth stopping on.
+    # The embedded sets ship with their packages and are returned as they come, as they always were.
+    if not records and loader is not _load_embedded:
+        raise DataError(f"no records in {path}")
+    return records
 
 
 def fewshot_command(
