@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visual_rft.data.lisa import load_lisa
-from visual_rft.data.coco import (
-    detection_solution,
-    load_coco,
-    load_detection_source,
-    load_lvis,
-    parse_spec,
-    qwen_input_size,
-)
+from visual_rft.data.coco import load_coco
+from visual_rft.data.detection_source import load_detection_source, parse_spec
+from visual_rft.data.errors import DataError
 from visual_rft.data.fewshot import sample_k_shot, write_split
-from visual_rft.data.loaders import DataError, load_records
+from visual_rft.data.lisa import load_lisa
 from visual_rft.data.ov_splits import (
     COCO_NAMES,
     COCO_OV_BASE_48,
@@ -31,6 +25,8 @@ from visual_rft.data.ov_splits import (
     lvis_frequency_groups,
     resolve_categories,
 )
+from visual_rft.data.sources import load_records
+from visual_rft.data.targets import detection_solution, qwen_input_size
 from visual_rft.tasks import detection, grounding
 
 SIZES = {"a.png": (200, 100), "b.png": (100, 100), "c.png": (50, 80)}
@@ -187,7 +183,7 @@ def test_stale_image_size_and_unknown_or_empty_categories(tmp_path):
         load_coco(path, categories="cat,bird")
 
 
-def test_lvis_fields_negatives_and_frequency_split(tmp_path):
+def test_lvis_fields_negatives_and_frequency_split(tmp_path, capsys):
     data = copy.deepcopy(COCO_FIXTURE)
     for cat, freq in zip(data["categories"], "rcf"):
         cat["frequency"] = freq
@@ -196,11 +192,13 @@ def test_lvis_fields_negatives_and_frequency_split(tmp_path):
         image["neg_category_ids"], image["not_exhaustive_category_ids"] = [5], []
     (tmp_path / "val2017").mkdir()
     write_fixture(tmp_path / "val2017")
-    records, report = load_lvis(write_fixture(tmp_path, data, "lvis.json"), negatives=True, ov_split="lvis")
+    path = write_fixture(tmp_path, data, "lvis.json")
+    records = load_records(f"lvis:{path}?negatives=all&ov_split=lvis", task="detection")
     # negatives only where LVIS verified absence (bird), never for unverified cat/dog on image 3
     assert [(r.fields["image_id"], r.fields["category"]) for r in records if not r.fields["boxes"]] == [
         (1, "bird"), (2, "bird"), (3, "bird")]
-    assert (report.positives, report.negatives) == (4, 3)
+    # the load report, printed because a box was clipped and crowd boxes were skipped
+    assert f"{path}: 4 positive + 3 negative queries from 3 images; 1 boxes clipped" in capsys.readouterr().err
     assert records[0].fields["frequency"] == "r" and records[0].fields["ov_split"] == "novel"
     assert records[1].fields["ov_split"] == "base" and records[0].fields["neg_category_ids"] == [5]
     assert lvis_frequency_groups(data["categories"]) == {"r": ["cat"], "c": ["dog"], "f": ["bird"]}

@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 
 from visual_rft.data import embedded
-from visual_rft.data.embedded import mnist_path, mnist_records
-from visual_rft.data.fewshot import fewshot_command, sample_k_shot, split_records, write_split
 from visual_rft.data.check import check_records
-from visual_rft.data.loaders import DataError, answer_text, load_records
-from visual_rft.data.record import Record
+from visual_rft.data.embedded import mnist_path, mnist_records
+from visual_rft.data.errors import DataError
+from visual_rft.data.fewshot import sample_k_shot, split_records, write_split
+from visual_rft.data.record import Record, answer_text
+from visual_rft.data.sources import fewshot_command, load_records
 
 COLORS = {"garden phlox": (200, 10, 10), "rose": (10, 200, 10), "tulip": (10, 10, 200)}
 

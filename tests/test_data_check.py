@@ -10,7 +10,8 @@ from PIL import Image
 from visual_rft.cli import main
 from visual_rft.config import load_config
 from visual_rft.data.check import check_records
-from visual_rft.data.loaders import DataError, load_records
+from visual_rft.data.errors import DataError
+from visual_rft.data.sources import load_records
 from visual_rft.runtime import load_split
 
 

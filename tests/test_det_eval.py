@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from test_coco_data import COCO_FIXTURE, write_fixture
 
-from visual_rft.data.coco import load_coco, load_lvis
+from visual_rft.data.coco import load_coco
 from visual_rft.data.ov_splits import OVSplit, annotate_split
 from visual_rft.data.record import Record
+from visual_rft.data.sources import load_records
 from visual_rft.det_eval import (
     coco_ground_truth,
     coco_results,
@@ -145,7 +146,7 @@ def test_lvis_mode_frequency_groups_and_not_exhaustive(tmp_path):
     negs = {1: ([5], []), 2: ([], [2]), 3: ([1], [])}  # image 2: dog annotated, but not exhaustively
     for image in data["images"]:
         image["neg_category_ids"], image["not_exhaustive_category_ids"] = negs[image["id"]]
-    records, _ = load_lvis(write_fixture(tmp_path, data, "lvis.json"), negatives=True)
+    records = load_records(f"lvis:{write_fixture(tmp_path, data, 'lvis.json')}?negatives=all", task="detection")
     completions = {(1, "cat"): answer(([100, 100, 300, 400], 0.9), ([500, 500, 750, 1000], 0.8)),
                    (2, "cat"): answer(([0, 0, 200, 200], 0.9)),
                    (2, "dog"): answer(([100, 100, 400, 400], 0.7), ([500, 500, 900, 900], 0.95)),

@@ -16,7 +16,7 @@ import pytest
 from visual_rft.cli import main
 from visual_rft.config import load_config
 from visual_rft.data import trees
-from visual_rft.data.loaders import DataError
+from visual_rft.data.errors import DataError
 from visual_rft.demo import _final_model, _phase_config, tokenizer_corpus
 from visual_rft.models import build_tiny_model
 from visual_rft.rewards import resolve_rewards

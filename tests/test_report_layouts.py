@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from visual_rft.config import load_config, save_config
-from visual_rft.data.loaders import load_records
+from visual_rft.data.sources import load_records
 from visual_rft.report.build import write_report
 
 COLORS = {"cat": (200, 10, 10), "dog": (10, 200, 10), "cow": (10, 10, 200)}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from visual_rft.data.embedded import sklearn_digits_records
-from visual_rft.data.loaders import DataError, load_records
+from visual_rft.data.errors import DataError
+from visual_rft.data.sources import load_records
 
 
 def test_sklearn_digits_match_load_digits_images_labels_and_class_counts():

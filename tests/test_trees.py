@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from visual_rft.data import trees
-from visual_rft.data.loaders import DataError
+from visual_rft.data.errors import DataError
 from visual_rft.tasks import detection
 
 
@@ -121,7 +121,7 @@ def test_spec_options(photos):
 
 def test_fewshot_cli_for_detection_samples_k_queries_per_category(tmp_path, capsys):
     from visual_rft.cli import main
-    from visual_rft.data.loaders import load_records
+    from visual_rft.data.sources import load_records
 
     try:
         trees.tree_photos()

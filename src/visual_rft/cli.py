@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> object:
         path, overrides = _split_config(args)
         return check_data(load_config(path, overrides))
     if args.command == "data":
-        from visual_rft.data.fewshot import fewshot_command
+        from visual_rft.data.sources import fewshot_command
         return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key or CLASS_KEY[args.task])
     if args.command == "report":
         from visual_rft.report.build import report_command

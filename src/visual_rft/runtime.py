@@ -12,8 +12,8 @@ from PIL import Image
 
 from visual_rft.config import Config, ConfigError
 from visual_rft.data.check import check_records, checked
-from visual_rft.data.loaders import load_records
 from visual_rft.data.record import Record
+from visual_rft.data.sources import load_records
 from visual_rft.models import build_model_inputs, load_model_and_processor
 from visual_rft.runlog import tracker_names
 from visual_rft.tasks.prompts import build_prompt
@@ -126,13 +126,12 @@ def record_image(record: Record, size: int | None) -> Image.Image:
 
 
 def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: torch.device,
-                 repeat: int = 1, max_prompt_length: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Model inputs for `records`, each repeated `repeat` times in a row (a GRPO group)."""
+                 max_prompt_length: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Model inputs for `records`, one prompt each (GRPO reuses a prompt's prefill for its group)."""
     images, prompts = [], []
     for record in records:
-        image, prompt = record_image(record, cfg.data.image_size), build_prompt(record, cfg.task)
-        images.extend([image] * repeat)
-        prompts.extend([prompt] * repeat)
+        images.append(record_image(record, cfg.data.image_size))
+        prompts.append(build_prompt(record, cfg.task))
     inputs = build_model_inputs(processor, images, prompts, system=cfg.task.system_prompt)
     length = inputs["input_ids"].size(1)
     if max_prompt_length and length > max_prompt_length:

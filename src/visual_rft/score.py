@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from visual_rft.data.loaders import jsonl_rows
+from visual_rft.data.rows import jsonl_rows
 from visual_rft.rewards import resolve_rewards, task_module
 
 

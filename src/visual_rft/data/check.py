@@ -12,8 +12,9 @@ from typing import Any
 
 from PIL import Image
 
-from visual_rft.data.loaders import DataError, answer_text
-from visual_rft.data.record import Record, open_image
+from visual_rft.data.errors import DataError
+from visual_rft.data.record import Record, answer_text, open_image
+from visual_rft.rewards import task_module
 
 # Larger images are refused rather than decoded: a 100k x 100k PNG would take the machine's memory.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
@@ -65,8 +66,6 @@ def _label_problem(record: Record, task: str) -> str | None:
         return "empty solution"
     if task == "classification":
         return None if answer_text(record.solution) else "solution has an empty answer"
-    from visual_rft.rewards import task_module
-
     try:  # the task's own solution parser: ground truth that the reward could not read is bad data
         task_module(task).parse_solution(record.solution)
     except (ValueError, TypeError, KeyError) as exc:

@@ -1,4 +1,4 @@
-"""COCO / LVIS instance files -> detection `Record`s (LISA-style grounding files: data/lisa.py).
+"""COCO / LVIS instance files -> detection `Record`s (the `coco:` / `lvis:` spec: data/detection_source.py).
 
 Detection: one record per (image, category present), as Visual-RFT builds its data, with an empty
 `problem` (the config's `task.question` fills in `{category}`) and fields `category`,
@@ -36,19 +36,16 @@ Bad input, decided per case (counts land in `LoadReport`):
 
 from __future__ import annotations
 
-import json
+import difflib
 import math
 import random
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
-from visual_rft.data.loaders import DataError, jsonl_rows
+from visual_rft.data.errors import DataError
 from visual_rft.data.ov_splits import (
     annotate_split,
     get_split,
@@ -56,83 +53,14 @@ from visual_rft.data.ov_splits import (
     resolve_categories,
 )
 from visual_rft.data.record import Record
-from visual_rft.tasks.boxes import BoxSpace, from_space, to_space
+from visual_rft.data.rows import read_json
+from visual_rft.data.targets import LoadReport, clip_box, detection_solution, resolve_image, to_target
+from visual_rft.tasks.boxes import BoxSpace
 
-NO_OBJECTS = "<answer>No Objects</answer>"
-_ROUNDING = {BoxSpace.PIXELS: 2, BoxSpace.NORMALIZED: 4}
 SizeFn = Callable[[int, int], tuple[int, int]]
 
 
-@dataclass
-class LoadReport:
-    """What a load kept and what it skipped, so no count hides behind a metric."""
-
-    source: str
-    images: int = 0
-    annotations: int = 0
-    positives: int = 0
-    negatives: int = 0
-    clipped_boxes: int = 0
-    collapsed_boxes: int = 0  # targets that became zero-width/height in the box space (tiny objects)
-    skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    empty_categories: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        parts = [f"{self.positives} positive + {self.negatives} negative queries from {self.images} images"]
-        if self.clipped_boxes:
-            parts.append(f"{self.clipped_boxes} boxes clipped to the image")
-        if self.collapsed_boxes:
-            parts.append(f"{self.collapsed_boxes} targets collapsed to zero width/height in the box space")
-        parts += [f"skipped {n} {key.replace('_', ' ')}" for key, n in sorted(self.skipped.items()) if n]
-        if self.empty_categories:
-            parts.append(f"{len(self.empty_categories)} categories without images: {self.empty_categories[:10]}")
-        return f"{self.source}: " + "; ".join(parts)
-
-
-# ---- solutions and sizes ------------------------------------------------------------------------
-
-
-def detection_solution(boxes: Iterable[Iterable[float]]) -> str:
-    """Visual-RFT's detection answer for ground-truth `boxes` (already in the box space)."""
-    items = [{"Position": list(box), "Confidence": 1} for box in boxes]
-    return f"<answer>{items!r}</answer>" if items else NO_OBJECTS
-
-
-def grounding_solution(box: Iterable[int]) -> str:
-    """Visual-RFT's grounding answer: `<answer> (x1,y1),(x2,y2) </answer>` in 0..1000 integers."""
-    x1, y1, x2, y2 = (int(v) for v in box)
-    return f"<answer> ({x1},{y1}),({x2},{y2}) </answer>"
-
-
-def qwen_input_size(width: int, height: int, *, min_pixels: int = 3136, max_pixels: int = 12845056,
-                    factor: int = 28) -> tuple[int, int]:
-    """(w, h) of the image Qwen2-VL / Qwen2.5-VL actually sees (its processor's smart_resize)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    h, w = smart_resize(int(height), int(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    return int(w), int(h)
-
-
-def to_target(box_pixels: list[float], size: tuple[float, float], frame: tuple[float, float],
-              space: BoxSpace) -> list[float]:
-    """A pixel box (already inside the image) as a training target in `space` of the `frame`."""
-    sx, sy = frame[0] / size[0], frame[1] / size[1]
-    x1, y1, x2, y2 = box_pixels
-    box = to_space((x1 * sx, y1 * sy, x2 * sx, y2 * sy), frame[0], frame[1], space)
-    digits = _ROUNDING.get(space)
-    return [int(v) for v in box] if digits is None else [round(v, digits) for v in box]
-
-
-# ---- reading and checking the json --------------------------------------------------------------
-
-
-def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
+# ---- checking the json --------------------------------------------------------------------------
 
 
 def _entries(data: Any, key: str, path: Path) -> list[dict]:
@@ -187,11 +115,6 @@ def _annotation_box(ann: dict, size: tuple[float, float], where: str, tolerance:
     return box
 
 
-def clip_box(box: list[float], size: tuple[float, float]) -> list[float]:
-    return [min(max(box[0], 0.0), size[0]), min(max(box[1], 0.0), size[1]),
-            min(max(box[2], 0.0), size[0]), min(max(box[3], 0.0), size[1])]
-
-
 # ---- COCO / LVIS ---------------------------------------------------------------------------------
 
 
@@ -235,8 +158,6 @@ def _select_categories(cats: dict, wanted: Any, path: Path) -> list[Any]:
     names = resolve_categories(wanted)
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        import difflib
-
         hints = {n: difflib.get_close_matches(n, list(by_name), n=2) for n in unknown}
         raise DataError(f"{path}: unknown categories {unknown} (close matches: {hints})")
     keep = {by_name[n] for n in names}
@@ -263,7 +184,7 @@ def load_coco(
 
     `categories`: names / named sets (ov_splits.NAMED_CATEGORY_SETS) to keep, default all.
     `negatives`: False none, True every verified-absent category, n at most n per image (seeded).
-    `input_size(w, h) -> (w', h')`: the model-input frame for the pixel space (qwen_input_size).
+    `input_size(w, h) -> (w', h')`: the model-input frame for the pixel space (targets.qwen_input_size).
     `ov_split`: 'coco65_15', 'coco48_17' or 'lvis' sets each record's `ov_split` field.
     """
     path = Path(path)
@@ -363,113 +284,3 @@ class _RecordBuilder:
         self.report.negatives += pair is None
         source = f"{self.path}:image {entry['id']}:{fields['category']}"
         return Record(image, "", detection_solution(targets), fields, source)
-
-
-def resolve_image(path: Path, size: tuple[float, float] | None, where: str, missing: str) -> Path | None:
-    """`path` if it is a readable image (of `size`, when given); None when missing and skipped."""
-    if not path.is_file():
-        if missing == "skip":
-            return None
-        raise DataError(f"{where}: image file not found: {path} (set the image folder, or skip missing images)")
-    if size is not None:
-        try:
-            with Image.open(path) as img:
-                actual = img.size
-        except (UnidentifiedImageError, OSError):
-            return path  # no image at all: a bad record for the data check to name, like a truncated one
-        if actual != (int(size[0]), int(size[1])):
-            raise DataError(f"{where}: {path} is {actual[0]}x{actual[1]} but the file says {size[0]:g}x{size[1]:g}")
-    return path
-
-
-def load_lvis(path: str | Path, **kwargs: Any) -> tuple[list[Record], LoadReport]:
-    """`load_coco` for an LVIS json: negatives only from `neg_category_ids`, LVIS fields kept."""
-    return load_coco(path, lvis=True, **kwargs)
-
-
-# ---- the data.train / data.eval spec ------------------------------------------------------------
-
-_SPEC_KEYS = {
-    "coco": {"images", "categories", "box_space", "negatives", "seed", "missing", "verify", "ov_split",
-             "max_pixels", "min_pixels", "tolerance"},
-    "lisa": {"images", "missing", "tolerance"},
-}
-_SPEC_KEYS["lvis"] = _SPEC_KEYS["coco"]
-
-
-def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """`kind:path[?key=value&...]` -> (kind, path, options); unknown kinds or keys are DataErrors."""
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in _SPEC_KEYS:
-        raise DataError(f"{spec}: expected coco:PATH, lvis:PATH or lisa:PATH")
-    path, _, query = rest.partition("?")
-    options = {}
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in _SPEC_KEYS[kind]:
-            raise DataError(f"{spec}: unknown option {item!r}; {kind} takes {sorted(_SPEC_KEYS[kind])}")
-        options[key] = value
-    return kind, path, options
-
-
-def _negatives(value: str) -> bool | int:
-    if value.lower() in ("all", "true"):
-        return True
-    if value.lower() in ("none", "false", "0"):
-        return False
-    if value.isdigit():
-        return int(value)
-    raise DataError(f"negatives must be all, none or a count, got {value!r}")
-
-
-def load_detection_source(spec: str, *, image_root: str | Path | None = None, limit: int | None = None,
-                          box_space: BoxSpace | str | None = None, verbose: bool = True) -> list[Record]:
-    """Records for `coco:PATH`, `lvis:PATH` or `lisa:PATH`, with `?key=value&...` options, e.g.
-    `coco:ann/instances_val2017.json?images=val2017&categories=coco_fewshot8&negatives=all`.
-    Prints the load report to stderr when something was skipped or clipped."""
-    kind, path, opt = parse_spec(spec)
-    try:
-        return _load_spec(kind, path, opt, image_root, limit, box_space, verbose)
-    except ValueError as exc:  # a bad option value (seed=x, box_space=...); DataErrors pass through
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{spec}: {exc}") from exc
-
-
-def _load_spec(kind: str, path: str, opt: dict[str, str], image_root: str | Path | None, limit: int | None,
-               box_space: BoxSpace | str | None, verbose: bool) -> list[Record]:
-    root = opt.get("images", image_root)
-    tolerance = float(opt.get("tolerance", 2.0))
-    if kind == "lisa":
-        from visual_rft.data.lisa import load_lisa  # lisa builds on this module's helpers
-
-        records, report = load_lisa(path, image_root=root, missing_images=opt.get("missing", "error"),
-                                    outside_tolerance=tolerance, limit=limit)
-    else:
-        space = BoxSpace.parse(opt.get("box_space") or box_space or BoxSpace.QWEN2VL)
-        size_fn = None
-        if "max_pixels" in opt or "min_pixels" in opt:
-            bounds = {k: int(opt[k]) for k in ("min_pixels", "max_pixels") if k in opt}
-            size_fn = lambda w, h: qwen_input_size(w, h, **bounds)
-        records, report = load_coco(
-            path, image_root=root, categories=opt.get("categories"), box_space=space,
-            negatives=_negatives(opt.get("negatives", "none")), seed=int(opt.get("seed", 0)),
-            missing_images=opt.get("missing", "error"), verify_images=opt.get("verify", "1") not in ("0", "false"),
-            input_size=size_fn, outside_tolerance=tolerance, ov_split=opt.get("ov_split"), lvis=kind == "lvis",
-            limit=limit)
-    if verbose and (report.clipped_boxes or report.collapsed_boxes or any(report.skipped.values())
-                    or report.empty_categories):
-        print(report.summary(), file=sys.stderr)
-    return records
-
-
-def json_or_jsonl_rows(path: Path) -> Iterable[tuple[str, Any]]:
-    """(source, row) of a JSON list or a JSONL file."""
-    if path.suffix.lower() == ".jsonl":
-        yield from jsonl_rows(path)
-        return
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    for number, row in enumerate(data, start=1):
-        yield f"{path}:{number}", row

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visual_rft.data.loaders import DataError
+from visual_rft.data.errors import DataError
 from visual_rft.data.record import Record
 
 MNIST_FILE = "mnist_5k.csv.gz"

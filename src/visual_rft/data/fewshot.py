@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from visual_rft.data.loaders import DataError, load_records
+from visual_rft.data.errors import DataError
 from visual_rft.data.record import Record
 
 DATA_FILE = "data.jsonl"
@@ -122,7 +122,7 @@ def write_split(
 ) -> Path:
     """Write records as `out_dir/data.jsonl` + PNGs in `out_dir/images/`; return the jsonl path.
 
-    `load_records(out_dir / "data.jsonl")` reads back the same problems, solutions, fields and
+    `sources.load_records(out_dir / "data.jsonl")` reads back the same problems, solutions, fields and
     pixels (PNG is lossless; images are stored as RGB). `manifest.json` records `meta` (seed, k,
     source, ...) and each row's original source, kept out of the rows so they read back unchanged.
     """
@@ -149,21 +149,3 @@ def write_split(
     (out / "manifest.json").write_text(text, encoding="utf-8")
     return data
 
-
-def fewshot_command(
-    source: str | Path,
-    out_dir: str | Path,
-    k: int,
-    seed: int,
-    label_key: str = "label",
-    *,
-    image_root: str | Path | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """`visual-rft data fewshot`: sample k per class from `source` and write the split to `out_dir`."""
-    records = load_records(source, image_root=image_root)
-    chosen = sample_k_shot(records, k, seed=seed, label_key=label_key)
-    meta = {"source": str(source), "k": k, "seed": seed, "label_key": label_key}
-    data = write_split(chosen, out_dir, meta=meta, overwrite=overwrite)
-    classes = len(group_by(chosen, label_key))
-    return {"classes": classes, "per_class": k, "total": len(chosen), "out": str(data)}

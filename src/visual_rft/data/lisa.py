@@ -1,4 +1,5 @@
-"""LISA-style reasoning-grounding files -> grounding `Record`s (one box per instruction)."""
+"""LISA-style reasoning-grounding files -> grounding `Record`s (one box per instruction; the `lisa:` spec:
+data/detection_source.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from visual_rft.data.coco import LoadReport, clip_box, grounding_solution, json_or_jsonl_rows, resolve_image, to_target
-from visual_rft.data.loaders import DataError
+from visual_rft.data.errors import DataError
 from visual_rft.data.record import Record
+from visual_rft.data.rows import json_or_jsonl_rows
+from visual_rft.data.targets import LoadReport, clip_box, grounding_solution, resolve_image, to_target
 from visual_rft.tasks.boxes import BoxSpace, from_space
+from visual_rft.tasks.grounding import parse_solution
 
 _IMG_TAG = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 
@@ -48,8 +51,6 @@ def load_lisa(path: str | Path, *, image_root: str | Path | None = None, missing
     `int(coord / W * 1000)`), `box_pixels`, `image_size`, `box_space`='qwen2vl'; solution
     `<answer> (x1,y1),(x2,y2) </answer>`. Degenerate boxes are skipped and counted; boxes beyond
     the image by more than `outside_tolerance` px are a DataError; missing images as in load_coco."""
-    from visual_rft.tasks.grounding import parse_solution
-
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     report, records = LoadReport(str(path)), []

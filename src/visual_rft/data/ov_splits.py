@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from visual_rft.data.loaders import DataError
+from visual_rft.data.errors import DataError
 from visual_rft.data.record import Record
 
 # (official id, name) in COCO's order; ids skip 12, 26, 29, 30, 45, 66, 68, 69, 71, 83.

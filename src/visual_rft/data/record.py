@@ -1,4 +1,4 @@
-"""The one record type every loader produces and every task consumes."""
+"""The one record type every loader produces and every task consumes, and how to read its image and answer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
+
+from visual_rft.tasks.common import first_answer_dotall
 
 
 @dataclass
@@ -45,6 +48,12 @@ class Record:
         return {"solution": self.solution, "problem": self.problem, **self.fields}
 
 
+def answer_text(solution: str) -> str:
+    """The text inside `<answer>…</answer>`, or the whole solution when it has no tags."""
+    inner = first_answer_dotall(solution)
+    return (solution if inner is None else inner).strip()
+
+
 def open_image(image: str | Path | bytes) -> Image.Image:
     """PIL's lazy open of a path or of raw bytes (use as a context manager)."""
     return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
@@ -60,8 +69,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I"):
-        import numpy as np
-
         pixels = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16") or pixels.max(initial=0) > 255:
             pixels = pixels / 257.0 + 0.5

@@ -28,10 +28,10 @@ from typing import Any
 
 from PIL import Image
 
-from visual_rft.data.coco import detection_solution, to_target
+from visual_rft.data.errors import DataError
 from visual_rft.data.fewshot import split_records
-from visual_rft.data.loaders import DataError
 from visual_rft.data.record import Record
+from visual_rft.data.targets import detection_solution, to_target
 from visual_rft.tasks.boxes import BoxSpace
 
 INSTALL_HINT = "pip install --no-deps deepforest==2.1.0  (only its data files are used)"
@@ -163,7 +163,7 @@ def tree_splits(test_fraction: float = 0.25, *, seed: int = 0, **kwargs: Any) ->
 
 def trees_from_spec(name: str, *, limit: int | None = None, box_space: str | None = None) -> list[Record]:
     """Records for `embedded:trees[::train|::test][?tile=112&min_visible=0.5&box_space=pixels&empty=1
-    &seed=0&test_fraction=0.25]` (load_records passes the part after `embedded:`); the train/test
+    &seed=0&test_fraction=0.25]` (sources.load_records passes the part after `embedded:`); the train/test
     split is tree_splits' (75/25, stratified by photo)."""
     head, _, query = name.partition("?")
     base, _, split = head.partition("::")

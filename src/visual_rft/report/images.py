@@ -150,7 +150,7 @@ def _named_datasets(sources: Iterable[str]) -> list[DataSpec]:
 def _load_quietly(spec: DataSpec) -> list[Any]:
     """The records of `spec`, or none when it cannot be read now (moved, deleted, malformed): a report
     of such a run still shows its text and curves."""
-    from visual_rft.data.loaders import load_records
+    from visual_rft.data.sources import load_records
 
     try:
         return load_records(spec.path, task=spec.task, image_root=spec.image_root, limit=spec.limit)
