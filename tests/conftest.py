@@ -8,7 +8,7 @@ import torch
 from visual_rft.config import load_config
 from visual_rft.data.embedded import mnist_records
 from visual_rft.data.fewshot import sample_k_shot, write_split
-from visual_rft.models import build_tiny_model
+from visual_rft.models.tiny import build_tiny_model
 
 DEMO_CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
 

@@ -15,11 +15,11 @@ from accelerate.utils import DistributedType
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from visual_rft.data.embedded import mnist_records
-from visual_rft.models import build_model_inputs, vision_token_ids
+from visual_rft.models.loading import build_model_inputs, vision_token_ids
 from visual_rft.rl.fast import generate_grouped, rollout_logprobs
 from visual_rft.rl.rollout import Rollout, lm_head_weight, repeat_inputs
 from visual_rft.sharding import full_weights_for_generation
-from visual_rft.tiny_model import make_tiny_model
+from visual_rft.models.tiny import make_tiny_model
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from visual_rft.config import load_config
 from visual_rft.data import trees
 from visual_rft.data.errors import DataError
 from visual_rft.demo import _final_model, _phase_config, tokenizer_corpus
-from visual_rft.models import build_tiny_model
+from visual_rft.models.tiny import build_tiny_model
 from visual_rft.rewards import resolve_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl

@@ -11,8 +11,9 @@ import torch
 
 from visual_rft.cli import main
 from visual_rft.data.embedded import mnist_records
-from visual_rft.families import FAMILIES, default_box_space, fast_paths
-from visual_rft.models import build_model_inputs, build_tiny_model, load_model_and_processor, vision_token_ids
+from visual_rft.models.families import FAMILIES, default_box_space, fast_paths
+from visual_rft.models.loading import build_model_inputs, load_model_and_processor, vision_token_ids
+from visual_rft.models.tiny import build_tiny_model
 from visual_rft.rl.fast import can_pack, generate_grouped, group_logprobs, rollout_logprobs
 from visual_rft.rl.rollout import Rollout, eos_token_ids, generate, repeat_inputs, scoring_inputs
 
@@ -119,7 +120,7 @@ def test_grouped_generation_equals_generate(family):
     plain, plain_mask, _ = generate(model, tok, repeat_inputs(group, G), max_new_tokens=6, temperature=0,
                                     suppress_ids=suppress)
     assert torch.equal(fast * fast_mask, plain[:, :fast.size(1)] * plain_mask[:, :fast.size(1)])
-    assert fast_paths(model).prefill_once == FAMILIES[arch].mrope
+    assert fast_paths(model.config).prefill_once == FAMILIES[arch].mrope
 
 
 def test_packing_is_refused_where_it_would_be_wrong(family):
@@ -128,7 +129,7 @@ def test_packing_is_refused_where_it_would_be_wrong(family):
     ids, mask = _fixed_completions(model, processor, rows)
     rollout = Rollout([None] * rows, [""] * rows, repeat_inputs(group, G), ids, mask, [""] * rows,
                       group_inputs=group, group_size=G)
-    paths = fast_paths(model)
+    paths = fast_paths(model.config)
     if arch == "qwen3_5":
         assert not paths.packed_scoring and "linear_attention" in paths.packing_reason
         with torch.no_grad():  # why: packed completions share the recurrent state

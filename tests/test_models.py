@@ -1,9 +1,12 @@
-"""models.py + tiny_model.py: the tiny checkpoint, the loader every checkpoint goes through, the processor."""
+"""models/: the tiny checkpoint (tiny.py), the loader every checkpoint goes through (loading.py), the processor,
+and the package's one-way imports."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,21 +14,22 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from visual_rft import models
-from visual_rft.models import (
-    ImageOnlyQwen2_5_VLProcessor,
-    ImageOnlyQwen2VLProcessor,
+import visual_rft.models as models_package
+from visual_rft.models import loading
+from visual_rft.models.families import processor_class_for
+from visual_rft.models.loading import (
     build_model_inputs,
-    build_tiny_model,
     chat_text,
     find_vision_tower,
     load_model_and_processor,
     load_reference_model,
+    resolve_attention,
     resolve_dtype,
     vision_token_ids,
 )
-from visual_rft.tiny_model import FORMAT_TOKENS, QWEN2VL_SPECIAL_TOKENS, make_tiny_model
+from visual_rft.models.tiny import FORMAT_TOKENS, QWEN2VL_SPECIAL_TOKENS, build_tiny_model, make_tiny_model
 
+IMAGE_ONLY_QWEN2_VL = processor_class_for("qwen2_vl")  # what the loader gives for the tiny checkpoint
 PROMPTS = ["What digit is shown in the image?", "Which handwritten digit is this? Answer with a single digit."]
 VISION_NAMES = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -83,12 +87,12 @@ def test_autoprocessor_resolves_the_image_only_class_where_transformers_allows(t
 
     if not PROCESSOR_MAPPING._extra_content:  # transformers 5.17 ignores registrations for its own configs
         pytest.skip("this transformers version skips AutoProcessor.register for native configs")
-    assert isinstance(AutoProcessor.from_pretrained(tiny_dir), ImageOnlyQwen2VLProcessor)
+    assert isinstance(AutoProcessor.from_pretrained(tiny_dir), IMAGE_ONLY_QWEN2_VL)
 
 
 def test_loader_gives_image_processor_and_left_padded_inputs(tiny_dir):
-    processor = models.load_processor(str(tiny_dir))  # the project's path, on every declared version
-    assert isinstance(processor, ImageOnlyQwen2VLProcessor)
+    processor = loading.load_processor(str(tiny_dir))  # the project's path, on every declared version
+    assert isinstance(processor, IMAGE_ONLY_QWEN2_VL)
     processor.tokenizer.padding_side = "right"  # build_model_inputs must pad left regardless
     batch = build_model_inputs(processor, _images(2), ["hi", PROMPTS[1]])
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -176,7 +180,7 @@ def test_bad_paths_give_clear_errors(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     # A hub id is passed through to transformers; offline, the error names the id and the way out.
-    monkeypatch.setattr(models.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", offline)
     with pytest.raises(OSError, match=r"Qwen/Qwen2-VL-2B-Instruct.*local directory"):
         load_model_and_processor("Qwen/Qwen2-VL-2B-Instruct")
 
@@ -243,7 +247,7 @@ def test_real_checkpoint_layout_loads_through_the_same_path(tmp_path):
     os.remove(d / "chat_template.jinja")
 
     model, processor = load_model_and_processor(str(d))
-    assert isinstance(processor, ImageOnlyQwen2_5_VLProcessor)
+    assert isinstance(processor, processor_class_for("qwen2_5_vl"))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     inputs = build_model_inputs(processor, _images(2), PROMPTS)
     assert (inputs["input_ids"] == processor.image_token_id).sum().item() == 8
@@ -272,8 +276,6 @@ def test_mismatched_images_and_prompts(loaded):
 def test_auto_attention_picks_flash_only_where_it_can_run(monkeypatch):
     import importlib.util
 
-    from visual_rft.models import resolve_attention
-
     assert resolve_attention("eager", "cuda", torch.bfloat16) == "eager"  # an explicit choice passes through
     assert resolve_attention(None, "cpu", torch.float32) is None
     real_find = importlib.util.find_spec
@@ -283,3 +285,65 @@ def test_auto_attention_picks_flash_only_where_it_can_run(monkeypatch):
         assert resolve_attention("auto", "cpu", torch.bfloat16) == "sdpa"
         assert resolve_attention("auto", "cuda", torch.float32) == "sdpa"  # flash-attention is half precision only
         assert resolve_attention("auto", "cuda", torch.bfloat16) == ("flash_attention_2" if installed else "sdpa")
+
+
+# ----------------------------------------------------------------------------------------- import layering
+MODELS_DIR = Path(models_package.__file__).parent
+ALLOWED_OUTSIDE = {"visual_rft.versions"}  # the only project module below models/
+
+
+def _visual_rft_imports(tree: ast.AST, module: str) -> list[tuple[str, bool]]:
+    """(imported visual_rft module, whether the import sits inside a function or class) for every import."""
+    found = []
+
+    def visit(node: ast.AST, nested: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, inner) for a in child.names if a.name.split(".")[0] == "visual_rft")
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:  # relative: resolve against this module's package (a package is its own)
+                    parts = module.split(".")
+                    package = ".".join(parts[:len(parts) - child.level + (MODULES[module].stem == "__init__")])
+                    base = f"{package}.{base}" if base else package
+                if base.split(".")[0] == "visual_rft":
+                    # `from visual_rft.models import loading` imports the submodule loading
+                    found.extend((f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base, inner)
+                                 for a in child.names)
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+MODULES = {f"visual_rft.models.{p.stem}" if p.stem != "__init__" else "visual_rft.models": p
+           for p in MODELS_DIR.glob("*.py")}
+
+
+def test_model_modules_import_one_way():
+    """models/ imports nothing of visual_rft but itself and versions.py, only at module level, and
+    without a cycle (families and tiny_families at the bottom; tiny and loading above them)."""
+    edges: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        imports = _visual_rft_imports(ast.parse(path.read_text()), module)
+        assert not [name for name, nested in imports if nested], f"{path.name}: import inside a function"
+        outside = {name for name, _ in imports if name not in MODULES and name not in ALLOWED_OUTSIDE}
+        assert not outside, f"{path.name} reaches out of models/: {sorted(outside)}"
+        edges[module] = {name for name, _ in imports if name in MODULES and name != module}
+    # Kahn's algorithm: a module is placed once everything it imports is placed; a cycle never is.
+    placed: list[str] = []
+    while len(placed) < len(edges):
+        ready = sorted(m for m, deps in edges.items() if m not in placed and deps <= set(placed))
+        assert ready, f"import cycle among {sorted(set(edges) - set(placed))}"
+        placed += ready
+    assert placed.index("visual_rft.models.families") < placed.index("visual_rft.models.loading")
+    assert placed.index("visual_rft.models.tiny_families") < placed.index("visual_rft.models.tiny")
+
+
+def test_the_layering_check_sees_lazy_imports_and_cycles():
+    lazy = ast.parse("def f():\n    from visual_rft.rl.rollout import unwrap_model\n")
+    assert _visual_rft_imports(lazy, "visual_rft.models.families") == [("visual_rft.rl.rollout", True)]
+    relative = ast.parse("from .families import fast_paths\nfrom visual_rft.models import tiny\n")
+    assert _visual_rft_imports(relative, "visual_rft.models.loading") == [
+        ("visual_rft.models.families", False), ("visual_rft.models.tiny", False)]

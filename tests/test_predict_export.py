@@ -17,7 +17,7 @@ from visual_rft.data.record import Record
 from visual_rft.evaluate import predict, run_eval
 from visual_rft.export import export_model
 from visual_rft.model_source import load_source, resolve_model_source, source_config
-from visual_rft.models import load_processor
+from visual_rft.models.loading import load_processor
 from visual_rft.predict import _draw, format_prediction, predict_image
 from visual_rft.report.images import GT_COLOR, PALETTE
 from visual_rft.rl.rollout import completion_logprobs

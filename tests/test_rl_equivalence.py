@@ -10,12 +10,12 @@ import torch
 
 import visual_rft.rl.lm_head as lm_head_module
 from visual_rft.data.embedded import mnist_records
-from visual_rft.models import build_model_inputs, vision_token_ids
+from visual_rft.models.loading import build_model_inputs, vision_token_ids
 from visual_rft.rl.fast import can_pack, generate_grouped, inverse_cdf, packing_pays, rollout_logprobs
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.loss import Objective, policy_loss, ratio_one_grad_hint
 from visual_rft.rl.rollout import Rollout, completion_logprobs, generate, repeat_inputs, scoring_inputs
-from visual_rft.tiny_model import make_tiny_model
+from visual_rft.models.tiny import make_tiny_model
 
 G = 3
 PROMPTS = ["Which digit is this?", "Look closely at the picture and name the handwritten digit it shows.", "Digit?"]

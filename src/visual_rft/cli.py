@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> object:
         from visual_rft.score import score_file
         return score_file(args.input, args.output, args.task, args.mode)
     if args.command == "tiny-model":
-        from visual_rft.models import build_tiny_model
+        from visual_rft.models.tiny import build_tiny_model
         return {"model": str(build_tiny_model(args.dir, seed=args.seed, arch=args.arch))}
     if args.command == "data" and args.data_command == "check":
         from visual_rft.runtime import check_data

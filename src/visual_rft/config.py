@@ -81,7 +81,7 @@ class TaskConfig:
     )  # appended to the question on a new line when the record has no problem text of its own
     system_prompt: Optional[str] = None  # optional system message
     # Box coordinates in answers and solutions: qwen2vl = 0-1000 relative, pixels = the model input's
-    # pixels, normalized = 0-1; auto = the model family's own (families.py). A data source's
+    # pixels, normalized = 0-1; auto = the model family's own (models/families.py). A data source's
     # `?box_space=` option or a record's box_space field wins over it.
     box_space: Literal["auto", "qwen2vl", "pixels", "normalized"] = "auto"
 

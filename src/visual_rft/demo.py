@@ -23,7 +23,7 @@ from visual_rft.data.embedded import mnist_records
 from visual_rft.data.fewshot import sample_k_shot, split_records, write_split
 from visual_rft.data.record import Record
 from visual_rft.evaluate import evaluate_model
-from visual_rft.models import build_tiny_model
+from visual_rft.models.tiny import build_tiny_model
 from visual_rft.report.build import write_report
 from visual_rft.report.plots import moving_average
 from visual_rft.rewards import resolve_rewards

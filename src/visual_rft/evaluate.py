@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
-from visual_rft.models import vision_token_ids
+from visual_rft.models.loading import vision_token_ids
 from visual_rft.rewards import resolve_rewards, task_module
 from visual_rft.rl.rollout import generate
 from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch

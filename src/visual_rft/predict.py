@@ -18,7 +18,7 @@ from visual_rft.config import Config
 from visual_rft.data.check import check_records
 from visual_rft.data.record import Record, columns_of
 from visual_rft.model_source import load_source, resolve_model_source, source_config
-from visual_rft.models import vision_token_ids
+from visual_rft.models.loading import vision_token_ids
 from visual_rft.report.images import PALETTE, Boxes, draw_image
 from visual_rft.rewards import resolve_rewards, task_module
 from visual_rft.rl.advantages import group_advantages

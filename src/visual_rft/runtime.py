@@ -14,7 +14,8 @@ from visual_rft.config import Config, ConfigError
 from visual_rft.data.check import check_records, checked
 from visual_rft.data.record import Record
 from visual_rft.data.sources import load_records
-from visual_rft.models import build_model_inputs, load_model_and_processor
+from visual_rft.models.families import default_box_space
+from visual_rft.models.loading import build_model_inputs, load_model_and_processor, load_model_config
 from visual_rft.runlog import tracker_names
 from visual_rft.tasks.prompts import build_prompt
 
@@ -49,11 +50,8 @@ def resolve_box_space(cfg: Config) -> str:
     """task.box_space, with `auto` resolved from the model family (families.default_box_space)."""
     if cfg.task.box_space != "auto":
         return cfg.task.box_space
-    from visual_rft.families import default_box_space
-    from visual_rft.models import _load_config
-
     try:
-        model_type = _load_config(cfg.model.name_or_path).model_type
+        model_type = load_model_config(cfg.model.name_or_path).model_type
     except OSError as exc:  # FileNotFoundError included: e.g. a model built after the data is loaded
         raise ConfigError(f"task.box_space: auto takes the model family's box space, but model.name_or_path "
                           f"({cfg.model.name_or_path}) cannot be read ({exc}); set task.box_space "

@@ -33,7 +33,7 @@ from visual_rft.data.fewshot import sample_k_shot, split_records
 from visual_rft.data.record import Record
 from visual_rft.data.sources import load_records
 from visual_rft.demo import _evaluate, _final_model, _phase_config, digit_splits, tokenizer_corpus
-from visual_rft.models import build_tiny_model
+from visual_rft.models.tiny import build_tiny_model
 from visual_rft.report.build import write_report
 from visual_rft.report.discover import SWEEP_RESULTS
 from visual_rft.report.sweep import write_tables

@@ -18,10 +18,11 @@ import torch
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from visual_rft.families import fast_paths
+from visual_rft.models.families import fast_paths
+from visual_rft.models.loading import unwrap_model
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
-                                   lm_head_weight, repeat_cache, repeat_inputs, unwrap_model)
+                                   lm_head_weight, repeat_cache, repeat_inputs)
 
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -87,7 +88,7 @@ def prefill_once_blocker(model: Any, group_inputs: dict[str, torch.Tensor], grou
     """Why `generate_grouped` cannot prefill each prompt once for this model and batch (None: it can)."""
     if group_size == 1:
         return "groups of one completion have nothing to share"
-    paths = fast_paths(model)  # the family's decision (families.py)
+    paths = fast_paths(unwrap_model(model).config)  # the family's decision (models/families.py)
     if not paths.prefill_once:
         return paths.prefill_reason
     return mrope_blocker(model, group_inputs)
@@ -216,7 +217,8 @@ def packing_pays(model: Any, prompt_len: int, completion_len: int, group_size: i
 
 def packing_blocker(model: Any, rollout: Rollout) -> str | None:
     """Why a group cannot be scored as one packed row (None: it can, and it saves compute)."""
-    paths = fast_paths(model)  # e.g. no packing with recurrent layers: completions would share their state
+    # e.g. no packing with recurrent layers: completions would share their state
+    paths = fast_paths(unwrap_model(model).config)
     if not paths.packed_scoring:
         return paths.packing_reason
     rope = mrope_blocker(model, rollout.group_inputs)

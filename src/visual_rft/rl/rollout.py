@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from visual_rft.data.record import Record
+from visual_rft.models.loading import unwrap_model
 from visual_rft.rl.lm_head import head_logprobs, token_logprobs
 from visual_rft.sharding import is_sharded, under_fsdp
 
@@ -163,19 +164,6 @@ def repeat_cache(cache: Any, repeats: int, rows: int) -> None:
             layer.reorder_cache(index.to(layer.device or "cpu"))
         else:
             layer.batch_repeat_interleave(repeats)
-
-
-def unwrap_model(model: Any) -> Any:
-    """The transformers model under DDP / torch.compile / PEFT wrappers (for its config and weights)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
 
 
 def lm_head_weight(model: Any) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from visual_rft.checkpoint import load_training_state, save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
 from visual_rft.evaluate import TrainingEval
-from visual_rft.models import load_reference_model, vision_token_ids
+from visual_rft.models.loading import load_reference_model, vision_token_ids
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               slot_seed, step_indices, total_steps)
 from visual_rft.preflight import find_resume_checkpoint

@@ -3,7 +3,8 @@
 No pretrained vision-language model is reachable here (no hub, none ships in a package), so tests and
 the CPU demo use a randomly initialised model with the real architecture, the real special tokens and
 the real chat template, and a byte-level BPE tokenizer trained locally. It is saved as an ordinary
-checkpoint directory, so it is loaded by exactly the code that loads Qwen/Qwen2-VL-2B-Instruct.
+checkpoint directory, so it is loaded by exactly the code that loads Qwen/Qwen2-VL-2B-Instruct
+(loading.py). The other families' tiny specs are in tiny_families.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from visual_rft.tiny_families import TINY_FAMILIES
+from visual_rft.models.families import processor_class_for
+from visual_rft.models.tiny_families import TINY_FAMILIES
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", *TINY_FAMILIES)
 
@@ -206,8 +208,6 @@ def make_tiny_model(
     arch: str = "qwen2_vl",
 ):
     """The in-memory tiny model (fp32, eval mode) and its processor; see build_tiny_model."""
-    from visual_rft.models import processor_class_for  # late import: models re-exports build_tiny_model
-
     if arch in TINY_FAMILIES:
         return _make_family_model(arch, seed=seed, vocab_size=vocab_size, text_hidden=text_hidden, layers=layers,
                                   vision_depth=vision_depth, vision_width=vision_width, corpus=corpus)
@@ -238,8 +238,6 @@ def make_tiny_model(
 def _make_family_model(arch: str, *, seed: int, vocab_size: int, corpus: list[str] | None, **dims: int):
     """A tiny model of one of TINY_FAMILIES: its special tokens, tokenizer attributes, chat template,
     image processor and config class; each image becomes 4 image tokens (LLaVA-OneVision: its tiles')."""
-    from visual_rft.models import processor_class_for
-
     spec = TINY_FAMILIES[arch]
     tokenizer = train_tokenizer(vocab_size, corpus, specials=spec.specials, eos=spec.eos, pad=spec.pad,
                                 named=dict(spec.named), **({"bos_token": spec.bos} if spec.bos else {}))

@@ -1,4 +1,4 @@
-"""Tiny random-init models of the other supported families (tiny_model.py builds Qwen2-VL / Qwen2.5-VL).
+"""Tiny random-init models of the other supported families (tiny.py builds Qwen2-VL / Qwen2.5-VL).
 
 Each is built from transformers' own config classes with the family's real special tokens (names and
 order), its chat-template layout and its image processor, at a size that runs a GRPO step on a CPU

@@ -1,8 +1,8 @@
 """Loading the policy, the reference model and the processor; dtype policy; LoRA; prompt rendering.
 
-One loader serves every checkpoint: the embedded tiny model (tiny_model.py) and Qwen/Qwen2-VL-2B-Instruct
+One loader serves every checkpoint: the embedded tiny model (tiny.py) and Qwen/Qwen2-VL-2B-Instruct
 go through the same `load_model_and_processor`, so whatever the tests check on the tiny model holds for
-the real one.
+the real one. Per-family decisions come from families.py; nothing here imports the rest of visual_rft.
 """
 
 from __future__ import annotations
@@ -18,28 +18,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from visual_rft.families import (config_vision_token_ids, load_family_processor, processor_class_for,
-                                 processor_vision_tokens, register_processors)
-from visual_rft.tiny_model import build_tiny_model  # noqa: F401  (public API lives here too)
-from visual_rft.versions import check_transformers
-
-check_transformers()  # every command that touches a model comes through here: refuse untested versions early
-
-__all__ = [
-    "ImageOnlyQwen2VLProcessor",
-    "ImageOnlyQwen2_5_VLProcessor",
-    "VISION_TOKENS",
-    "build_model_inputs",
-    "build_tiny_model",
-    "chat_text",
-    "find_vision_tower",
-    "load_model_and_processor",
-    "load_processor",
-    "load_reference_model",
-    "processor_class_for",
-    "resolve_dtype",
-    "vision_token_ids",
-]
+from visual_rft.models.families import (config_vision_token_ids, load_family_processor, processor_class_for,
+                                        processor_vision_tokens)
 
 # Placeholder / delimiter tokens that only the processor may place: a sampled <|image_pad|> makes the
 # next forward fail with "Image features and image tokens do not match", so generation suppresses them
@@ -48,11 +28,6 @@ VISION_TOKENS = (
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
     "<image>", "<video>", "<|image|>", "<|video|>",
 )
-
-# The image-only processors (families.py); the Qwen2 names stay importable from here.
-ImageOnlyQwen2VLProcessor = processor_class_for("qwen2_vl")
-ImageOnlyQwen2_5_VLProcessor = processor_class_for("qwen2_5_vl")
-register_processors()
 
 
 _DTYPES = {
@@ -91,7 +66,8 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
-def _load_config(name_or_path: str):
+def load_model_config(name_or_path: str):
+    """The checkpoint's transformers config (config.json), with a clear message where it cannot be had."""
     source, is_local = _resolve_source(name_or_path)
     try:
         return AutoConfig.from_pretrained(source)
@@ -106,7 +82,7 @@ def _load_config(name_or_path: str):
 
 def load_processor(name_or_path: str, config=None) -> ProcessorMixin:
     """The image-text processor, left padding, with a pad token (generation needs both)."""
-    config = config if config is not None else _load_config(name_or_path)
+    config = config if config is not None else load_model_config(name_or_path)
     # Checkpoints name the stock processor class, whose video slot needs torchvision: load the known
     # families with their image-only subclass on every machine (one code path; videos are never used).
     source = _resolve_source(name_or_path)[0]
@@ -126,6 +102,19 @@ def load_processor(name_or_path: str, config=None) -> ProcessorMixin:
     return processor
 
 
+def unwrap_model(model: Any) -> Any:
+    """The transformers model under DDP / torch.compile / PEFT wrappers (for its config and weights)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def find_vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     """The vision encoder, found by the attribute names transformers' VLMs use."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -141,7 +130,7 @@ _LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
 
 
 def _apply_lora(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # seconds to import: only runs that ask for LoRA pay for it
 
     unknown = set(lora) - _LORA_KEYS
     if unknown:
@@ -192,7 +181,7 @@ def load_model_and_processor(
     gradient_checkpointing: bool = False,
 ) -> tuple[torch.nn.Module, ProcessorMixin]:
     """The trainable policy (train mode) and its processor, from a local directory or a hub id."""
-    config = _load_config(str(name_or_path))
+    config = load_model_config(str(name_or_path))
     processor = load_processor(str(name_or_path), config)
     model = _load_model(str(name_or_path), dtype, device, attn_implementation)
     if model.generation_config.pad_token_id is None:

@@ -16,8 +16,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import CONFIG_MAPPING, AutoProcessor, AutoTokenizer
 from transformers.processing_utils import ProcessorMixin
-
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,6 @@ def load_family_processor(path: str, model_type: str) -> ProcessorMixin:
     name = FAMILIES[model_type].image_processor
     if name is None:
         return cls.from_pretrained(path)
-    from transformers import AutoTokenizer
-
     module, attr = name.split(":")
     image_processor = getattr(importlib.import_module(module), attr).from_pretrained(path)
     processor_dict, kwargs = cls.get_processor_dict(path)
@@ -132,8 +130,6 @@ def load_family_processor(path: str, model_type: str) -> ProcessorMixin:
 def register_processors() -> None:
     """Let AutoProcessor resolve the ImageOnly* class names saved in processor_config.json (otherwise
     it silently returns only the tokenizer)."""
-    from transformers import CONFIG_MAPPING, AutoProcessor
-
     for model_type in FAMILIES:
         try:
             config_cls = CONFIG_MAPPING[model_type]
@@ -189,11 +185,8 @@ def non_attention_layers(config: Any) -> list[str]:
     return sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")})
 
 
-def fast_paths(model: Any) -> FastPaths:
-    """The family's decision, from the model's config alone."""
-    from visual_rft.rl.rollout import unwrap_model  # late: rollout imports models, which imports this
-
-    config = unwrap_model(model).config
+def fast_paths(config: Any) -> FastPaths:
+    """The family's decision, from the model's config alone (the unwrapped model's `.config`)."""
     entry = FAMILIES.get(config.model_type)
     prefill, pack, prefill_reason, pack_reason = True, True, "", ""
     if entry is None or not entry.mrope:
