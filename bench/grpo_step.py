@@ -184,8 +184,8 @@ def setup_ours(ckpt, settings, workdir):
         f"output.dir={workdir / 'ours'}", "output.progress=false", "output.save_steps=0",
         f"grpo.num_generations={settings['group']}", f"grpo.per_device_batch_size={settings['prompts']}",
         "grpo.grad_accum_steps=1", f"grpo.max_completion_length={settings['new_tokens']}",
-        f"grpo.beta={settings['beta']}", f"grpo.learning_rate={settings['lr']}", "grpo.temperature=1.0",
-        "grpo.max_prompt_length=4096", "grpo.loss_type=grpo", "grpo.max_grad_norm=1.0",
+        f"grpo.beta={settings['beta']}", f"grpo.optim.learning_rate={settings['lr']}", "grpo.temperature=1.0",
+        "grpo.max_prompt_length=4096", "grpo.loss_type=grpo", "grpo.optim.max_grad_norm=1.0",
     ])
     trainer = GRPOTrainer(cfg, records(settings), RewardSet(["length"], [length_reward], [1.0]))
     trainer.suppress = suppress_ids(trainer.processor, trainer.policy)

@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from visual_rft.config import Config, ConfigError, load_config, parse_overrides, save_config
+from visual_rft.config import ConfigError, OptimConfig, load_config, parse_overrides, save_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -12,10 +13,10 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_defaults_yaml_and_overrides_layer(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("grpo:\n  beta: 0.1\n  num_generations: 4\nmodel:\n  lora:\n    enabled: true\n")
-    cfg = load_config(path, ["grpo.beta=0.0", "task.mode=visual_rft", "grpo.learning_rate=3e-4"])
+    cfg = load_config(path, ["grpo.beta=0.0", "task.mode=visual_rft", "grpo.optim.learning_rate=3e-4"])
     assert cfg.grpo.beta == 0.0 and cfg.grpo.num_generations == 4
     assert cfg.model.lora.enabled is True and cfg.model.lora.r == 16
-    assert cfg.task.mode == "visual_rft" and cfg.grpo.learning_rate == 3e-4
+    assert cfg.task.mode == "visual_rft" and cfg.grpo.optim.learning_rate == 3e-4
     assert cfg.grpo.epsilon == 0.2  # untouched default stays explicit
 
 
@@ -64,9 +65,52 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def _leaves(tree: dict, where: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{where}{key}.")
+        else:
+            yield f"{where}{key}", value
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
-    assert isinstance(load_config(path), Config)
+def test_every_shipped_config_loads_with_the_values_it_states(path):
+    cfg = load_config(path)
+    stated = dict(_leaves(yaml.safe_load(path.read_text())))
+    assert stated, f"{path.name} states nothing"
+    assert {key: _get(cfg, key) for key in stated} == stated
+
+
+def test_optimiser_defaults_differ_per_section_and_survive_a_partial_block(tmp_path):
+    cfg = load_config(None)
+    assert cfg.grpo.optim == OptimConfig(learning_rate=1e-6, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
+                                         lr_scheduler="constant", warmup_ratio=0.0, max_grad_norm=1.0,
+                                         max_nonfinite_steps=3)
+    assert cfg.sft.optim == OptimConfig(learning_rate=1e-5)
+    assert (cfg.grpo.grad_accum_steps, cfg.sft.grad_accum_steps, cfg.grpo.seed, cfg.sft.seed) == (2, 1, 42, 42)
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  optim:\n    weight_decay: 0.1\n")
+    cfg = load_config(path, ["grpo.optim.warmup_ratio=0.5"])
+    assert cfg.sft.optim.weight_decay == 0.1 and cfg.sft.optim.learning_rate == 1e-5  # SFT's own default kept
+    assert cfg.grpo.optim.warmup_ratio == 0.5 and cfg.grpo.optim.learning_rate == 1e-6
+
+
+def test_an_optimiser_key_outside_its_block_names_the_new_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'grpo\.learning_rate'.*'grpo\.optim\.learning_rate'"):
+        load_config(None, ["grpo.learning_rate=1e-5"])
+    path = tmp_path / "old.yaml"
+    path.write_text("sft:\n  max_grad_norm: 0.5\n")
+    moved = r"old\.yaml: unknown config key 'sft\.max_grad_norm'.*now 'sft\.optim\.max_grad_norm'"
+    with pytest.raises(ConfigError, match=moved):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"grpo\.optim\.learning_rat\b.*did you mean 'learning_rate'"):
+        load_config(None, ["grpo.optim.learning_rat=1e-5"])
 
 
 def test_configs_are_shipped():

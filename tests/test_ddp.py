@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path
 def _run(prefix, tiny_model_dir, digits_jsonl, out, *extra):
     cmd = [*prefix, "-m", "visual_rft.cli", "train", "configs/demo.yaml", f"model.name_or_path={tiny_model_dir}",
            f"data.train={digits_jsonl}", f"output.dir={out}", "grpo.max_steps=3", "grpo.num_generations=4",
-           "grpo.max_completion_length=8", "grpo.learning_rate=1e-3", "grpo.beta=0.04", "output.progress=false",
+           "grpo.max_completion_length=8", "grpo.optim.learning_rate=1e-3", "grpo.beta=0.04", "output.progress=false",
            "grpo.per_device_batch_size=1", "task.rewards=[accuracy, format, toy_rewards:text_length]", *extra]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,7 @@ from visual_rft.cli import main
 from visual_rft.config import load_config
 from visual_rft.data import trees
 from visual_rft.data.errors import DataError
-from visual_rft.demo import _final_model, _phase_config, tokenizer_corpus
+from visual_rft.demo import _final_model, tokenizer_corpus, warmup_config
 from visual_rft.models.tiny import build_tiny_model
 from visual_rft.rewards import resolve_rewards
 from visual_rft.rl.trainer import GRPOTrainer
@@ -51,10 +51,11 @@ def base(tmp_path_factory) -> tuple[Path, list]:
     except DataError as exc:
         pytest.skip(str(exc))
     tmp = tmp_path_factory.mktemp("trees")
-    cfg = tree_config(tmp / "base")
+    cfg = tree_config(tmp / "base", f"demo.warmup_steps={WARMUP_STEPS}", "demo.warmup_batch_size=16",
+                      "demo.warmup_learning_rate=1e-3")
     records = load_split(cfg, "train")[:WARMUP_TILES]
     tiny = build_tiny_model(tmp / "tiny", image_size=TILE, corpus=tokenizer_corpus(cfg, records))
-    warmup = _phase_config(cfg, tmp / "base", tiny, max_steps=WARMUP_STEPS, batch_size=16, learning_rate=1e-3)
+    warmup = warmup_config(cfg, tmp / "base", tiny)
     return _final_model(train_sft(warmup, records)), records
 
 
@@ -70,7 +71,7 @@ def test_grpo_raises_the_iou_reward(base, tmp_path, seed):
     model, _ = base
     cfg = tree_config(tmp_path / "rft", f"model.name_or_path={model}", f"grpo.max_steps={GRPO_STEPS}",
                       f"grpo.seed={seed}", "grpo.per_device_batch_size=4", "grpo.temperature=0.7",
-                      "grpo.learning_rate=1e-4")
+                      "grpo.optim.learning_rate=1e-4")
     unseen = load_split(cfg, "train")[WARMUP_TILES:WARMUP_TILES + GRPO_TILES]
     rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
     GRPOTrainer(cfg, unseen, rewards).fit()

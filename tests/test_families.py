@@ -154,7 +154,7 @@ def test_two_grpo_steps_and_evaluation_from_the_cli(family, digits_jsonl, tmp_pa
               "data.limit=4", "output.progress=false", "eval.max_new_tokens=6", "eval.batch_size=4"]
     assert main(["train", str(DEMO_CONFIG), *common, f"output.dir={tmp_path / 'run'}", "grpo.num_generations=2",
                  "grpo.per_device_batch_size=2", "grpo.max_completion_length=6", "grpo.max_steps=2",
-                 "grpo.learning_rate=1e-2", "task.rewards=[toy_rewards:text_length]"]) == 0
+                 "grpo.optim.learning_rate=1e-2", "task.rewards=[toy_rewards:text_length]"]) == 0
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2] and all(s["grad_norm"] > 0 for s in steps)
     trained = sorted((tmp_path / "run").glob("checkpoint-*"))[-1] / "model"

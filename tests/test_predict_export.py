@@ -33,7 +33,7 @@ def runs(tmp_path_factory, tiny_model_dir, digits_jsonl):
     root = tmp_path_factory.mktemp("runs")
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={digits_jsonl}", f"data.eval={digits_jsonl}",
               "output.progress=false", "grpo.num_generations=4", "grpo.per_device_batch_size=2",
-              "grpo.max_completion_length=6", "grpo.max_steps=2", "grpo.learning_rate=1e-2",
+              "grpo.max_completion_length=6", "grpo.max_steps=2", "grpo.optim.learning_rate=1e-2",
               "task.rewards=[toy_rewards:text_length, format]", "eval.max_new_tokens=8", "data.limit=6"]
     full = train_grpo(load_config(DEMO, [*common, f"output.dir={root / 'full'}"]))
     lora = train_grpo(load_config(DEMO, [*common, f"output.dir={root / 'lora'}", "model.lora.enabled=true",

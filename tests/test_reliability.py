@@ -26,7 +26,7 @@ def _train_cmd(tiny_model_dir, digits_jsonl, out, *extra):
     return [sys.executable, "-m", "visual_rft.cli", "train", "configs/demo.yaml",
             f"model.name_or_path={tiny_model_dir}", f"data.train={digits_jsonl}", f"output.dir={out}",
             "grpo.max_steps=6", "grpo.num_generations=4", "grpo.per_device_batch_size=2",
-            "grpo.max_completion_length=8", "grpo.learning_rate=1e-2", "grpo.beta=0.04",
+            "grpo.max_completion_length=8", "grpo.optim.learning_rate=1e-2", "grpo.beta=0.04",
             "task.rewards=[accuracy, format, toy_rewards:text_length]", "output.save_steps=1",
             "output.save_total_limit=2", "output.progress=false", *extra]
 
@@ -105,7 +105,7 @@ def _poisoned(trainer, bad_steps):
 
 def test_a_nan_step_is_skipped_and_never_reaches_the_weights(small_cfg):
     cfg = small_cfg("grpo.max_steps=3", "output.save_steps=1", "output.save_total_limit=0",
-                    "grpo.learning_rate=1e-2", "task.rewards=[toy_rewards:text_length]")
+                    "grpo.optim.learning_rate=1e-2", "task.rewards=[toy_rewards:text_length]")
     rewards = resolve_rewards("classification", cfg.task.rewards, "strict")
     trainer = _poisoned(GRPOTrainer(cfg, load_split(cfg), rewards), bad_steps={2})
     with pytest.warns(RuntimeWarning, match="step 2: non-finite loss or gradient, update skipped"):
@@ -120,7 +120,7 @@ def test_a_nan_step_is_skipped_and_never_reaches_the_weights(small_cfg):
 
 
 def test_consecutive_nan_steps_stop_the_run_with_a_clear_message(small_cfg):
-    cfg = small_cfg("grpo.max_steps=5", "grpo.max_nonfinite_steps=2", "output.save_steps=1",
+    cfg = small_cfg("grpo.max_steps=5", "grpo.optim.max_nonfinite_steps=2", "output.save_steps=1",
                     "task.rewards=[toy_rewards:text_length]")
     rewards = resolve_rewards("classification", cfg.task.rewards, "strict")
     trainer = _poisoned(GRPOTrainer(cfg, load_split(cfg), rewards), bad_steps={2, 3})

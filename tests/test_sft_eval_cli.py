@@ -20,7 +20,7 @@ def test_sft_target_reuses_the_solution_answer_block():
 
 
 def test_sft_lowers_the_loss_and_its_model_answers_in_format(small_cfg):
-    cfg = small_cfg("sft.max_steps=25", "sft.learning_rate=3e-3", "sft.batch_size=10", "eval.max_new_tokens=32")
+    cfg = small_cfg("sft.max_steps=25", "sft.optim.learning_rate=3e-3", "sft.batch_size=10", "eval.max_new_tokens=32")
     out = train_sft(cfg)
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[-1]["loss"] < rows[0]["loss"] / 3

@@ -32,7 +32,7 @@ def _same_as_visual_rft_eval(cfg, logged):
 
 
 def test_grpo_evaluates_every_eval_steps_and_at_the_end(small_cfg, tmp_path):
-    cfg = small_cfg("grpo.max_steps=3", "eval.steps=2", "grpo.learning_rate=1e-2", *CHEAP)
+    cfg = small_cfg("grpo.max_steps=3", "eval.steps=2", "grpo.optim.learning_rate=1e-2", *CHEAP)
     out = train_grpo(cfg)
     rows = _eval_rows(out)
     assert sorted(rows) == [2, 3]

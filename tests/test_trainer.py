@@ -19,7 +19,7 @@ def _weights(ckpt):
 
 
 def test_reward_rises_on_a_learnable_toy(small_cfg):
-    cfg = small_cfg("task.rewards=[toy_rewards:sevens]", "grpo.max_steps=12", "grpo.learning_rate=1e-2",
+    cfg = small_cfg("task.rewards=[toy_rewards:sevens]", "grpo.max_steps=12", "grpo.optim.learning_rate=1e-2",
                     "grpo.per_device_batch_size=4", "grpo.num_generations=8", "output.save_steps=0")
     train_grpo(cfg)
     rows = read_jsonl(f"{cfg.output.dir}/metrics.jsonl")
@@ -29,7 +29,7 @@ def test_reward_rises_on_a_learnable_toy(small_cfg):
 
 
 def test_metrics_cover_every_component_and_phase(small_cfg):
-    cfg = small_cfg("grpo.beta=0.04", "grpo.learning_rate=1e-2", "output.sample_steps=1",
+    cfg = small_cfg("grpo.beta=0.04", "grpo.optim.learning_rate=1e-2", "output.sample_steps=1",
                     "task.rewards=[accuracy, format, toy_rewards:text_length]")
     train_grpo(cfg)
     rows = read_jsonl(f"{cfg.output.dir}/metrics.jsonl")
@@ -47,7 +47,7 @@ def test_metrics_cover_every_component_and_phase(small_cfg):
 
 
 def test_several_updates_per_rollout_clip_against_the_sampling_policy(small_cfg):
-    cfg = small_cfg("grpo.num_iterations=3", "grpo.learning_rate=5e-2", "grpo.epsilon=0.01", "grpo.max_steps=1",
+    cfg = small_cfg("grpo.num_iterations=3", "grpo.optim.learning_rate=5e-2", "grpo.epsilon=0.01", "grpo.max_steps=1",
                     "task.rewards=[toy_rewards:text_length]")
     train_grpo(cfg)
     (row,) = read_jsonl(f"{cfg.output.dir}/metrics.jsonl")
@@ -64,7 +64,7 @@ def test_beta_zero_loads_no_reference(small_cfg):
 
 def test_checkpoints_are_complete_and_resume_is_exact(small_cfg, tmp_path):
     cfg = small_cfg("grpo.max_steps=4", "output.save_steps=2", "output.save_total_limit=2",
-                    "grpo.learning_rate=1e-3", "grpo.beta=0.04")
+                    "grpo.optim.learning_rate=1e-3", "grpo.beta=0.04")
     out = train_grpo(cfg)
     ckpts = list_checkpoints(out)
     assert [c.name for c in ckpts] == ["checkpoint-2", "checkpoint-4"]
@@ -158,8 +158,8 @@ def test_fast_paths_off_reproduce_the_run_and_the_log_says_which_ran(small_cfg, 
     runs = {}
     for fast in ("auto", "off"):
         cfg = small_cfg(f"grpo.fast={fast}", "grpo.sampler=multinomial", "grpo.max_steps=3", "grpo.beta=0.04",
-                        "grpo.learning_rate=1e-2", "grpo.temperature=0.7", "task.rewards=[toy_rewards:text_length]",
-                        f"output.dir={tmp_path / fast}")
+                        "grpo.optim.learning_rate=1e-2", "grpo.temperature=0.7",
+                        "task.rewards=[toy_rewards:text_length]", f"output.dir={tmp_path / fast}")
         train_grpo(cfg)
         runs[fast] = (read_jsonl(tmp_path / fast / "metrics.jsonl"), _weights(latest_checkpoint(tmp_path / fast)))
     (fast_rows, fast_w), (plain_rows, plain_w) = runs["auto"], runs["off"]

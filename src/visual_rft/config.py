@@ -28,9 +28,10 @@ class LoraSettings:
     """Low-rank adapters on the language model (never the vision tower)."""
 
     enabled: bool = False  # train LoRA adapters instead of all weights
-    r: int = 16  # adapter rank
-    alpha: int = 32  # LoRA scaling numerator
-    dropout: float = 0.05  # dropout on the adapter input
+    r: int = 16  # adapter rank (inner dimension of each low-rank update)
+    alpha: int = 32  # LoRA scaling numerator: updates are scaled by alpha / r
+    dropout: float = 0.05  # dropout probability on the adapter input
+    # module names (last dotted part) that get adapters, matched in the language model only
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -46,9 +47,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = "auto"
     freeze_vision: bool = False  # keep the vision tower fixed
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    min_pixels: Optional[int] = None  # processor lower bound on image area (None = checkpoint's)
-    max_pixels: Optional[int] = None  # processor upper bound on image area (paper: 401408)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # adapters instead of full fine-tuning
+    min_pixels: Optional[int] = None  # processor lower bound on image area, in pixels (None = checkpoint's)
+    max_pixels: Optional[int] = None  # processor upper bound on image area, in pixels (paper: 401408)
 
 
 @dataclass
@@ -58,21 +59,23 @@ class DataConfig:
     train: str = ""  # training split path (`dir::split` picks a DatasetDict split)
     eval: Optional[str] = None  # held-out split for `eval`, and for evaluation during train/sft (eval.steps)
     image_root: Optional[str] = None  # base folder for relative image paths
-    image_size: Optional[int] = None  # resize images to this square size (None = keep)
+    image_size: Optional[int] = None  # resize images to this square side, in pixels (None = keep)
     limit: Optional[int] = None  # use only the first N records of each split
     check: bool = True  # decode every image and parse every solution before a run starts
     on_bad_record: Literal["fail", "skip"] = "fail"  # a bad record stops the run, or is skipped and counted
-    max_image_pixels: int = 64_000_000  # larger images are bad records (never decoded)
+    max_image_pixels: int = 64_000_000  # larger images (width x height) are bad records (never decoded)
 
 
 @dataclass
 class TaskConfig:
     """The task: its prompt and its verifiable rewards."""
 
-    name: Literal["classification", "detection", "grounding"] = "classification"
+    name: Literal["classification", "detection", "grounding"] = "classification"  # verifier and answer format
     mode: Literal["strict", "visual_rft"] = "strict"  # reward semantics; visual_rft = original release
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # names or module:function
     reward_weights: Optional[list[float]] = None  # one per reward; None = all 1.0
+    # the question put to the model when the record has no problem text of its own ({field} placeholders
+    # are filled from the record, e.g. {category})
     question: str = "This is an image containing a plant. Please identify the species of the plant based on the image."
     instruction: str = (
         "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
@@ -87,24 +90,35 @@ class TaskConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule: how one optimiser step changes the weights. GRPO and SFT
+    each have one (`grpo.optim`, `sft.optim`), with their own defaults."""
+
+    learning_rate: float  # peak AdamW learning rate (no shared default: each section names its own)
+    adam_beta1: float = 0.9  # AdamW first-moment (gradient) decay per step
+    adam_beta2: float = 0.999  # AdamW second-moment (squared gradient) decay per step
+    weight_decay: float = 0.0  # AdamW decoupled weight decay, per step, scaled by the learning rate
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # learning-rate shape after warm-up
+    warmup_ratio: float = 0.0  # fraction of the run's optimiser steps spent warming up linearly from 0
+    max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this before each step; <= 0 disables
+    # a step whose loss or gradient is NaN/inf is skipped; stop the run after this many in a row
+    max_nonfinite_steps: int = 3
+
+
+@dataclass
 class GRPOConfig:
     """GRPO: sampling, advantages, the clipped objective, the KL term and the optimiser."""
 
     num_generations: int = 8  # G, completions sampled per prompt
     per_device_batch_size: int = 1  # prompts per micro-batch on each device
-    grad_accum_steps: int = 2  # micro-batches per optimiser step
+    grad_accum_steps: int = 2  # micro-batches per optimiser step (prompts per step = this x batch x devices)
     num_epochs: float = 1.0  # passes over the training split
     max_steps: int = -1  # stop after this many optimiser steps (-1 = from num_epochs)
-    learning_rate: float = 1e-6  # AdamW peak learning rate (the paper's 2B runs use 1e-6)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    adam_beta1: float = 0.9  # AdamW first-moment decay
-    adam_beta2: float = 0.999  # AdamW second-moment decay
-    max_grad_norm: float = 1.0  # gradient clipping; <= 0 disables
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_ratio: float = 0.0  # fraction of steps with linear warm-up
+    # the paper's 2B runs use 1e-6 (TRL's GRPO default then, written out)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-6))
     beta: float = 0.04  # KL weight to the reference model; 0 skips the reference entirely
-    epsilon: float = 0.2  # lower clip range of the ratio
-    epsilon_high: Optional[float] = None  # upper clip range (DAPO clip-higher); None = epsilon
+    epsilon: float = 0.2  # lower clip range of the ratio: clipped below 1 - epsilon
+    epsilon_high: Optional[float] = None  # upper clip range (DAPO clip-higher): above 1 + this; None = epsilon
     num_iterations: int = 1  # policy updates per rollout batch (mu)
     # how token losses are averaged: grpo = per completion, then over completions; dr_grpo = sum /
     # (completions x max_completion_length); dapo = over all tokens of the optimiser step
@@ -124,11 +138,10 @@ class GRPOConfig:
     # distribution), multinomial on GPU; multinomial = transformers' own draw (needs nothing else)
     sampler: Literal["auto", "multinomial", "inverse_cdf"] = "auto"
     temperature: float = 1.0  # sampling temperature; log-probs are scored from logits / temperature too
-    top_p: float = 1.0  # nucleus sampling mass (1 = off); not reflected in the scored log-probs, as in TRL
-    top_k: int = 0  # 0 = off
-    max_prompt_length: int = 1024  # prompts longer than this are an error (images must not be cut)
+    top_p: float = 1.0  # nucleus sampling probability mass (1 = off); not reflected in the scored log-probs, as in TRL
+    top_k: int = 0  # sample among the k most likely tokens only (0 = off)
+    max_prompt_length: int = 1024  # tokens, image tokens included; longer prompts are an error (images must not be cut)
     max_completion_length: int = 256  # new tokens per completion
-    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
     seed: int = 42  # data order, sampling (per step and micro-batch slot) and initialisation
 
 
@@ -137,25 +150,20 @@ class SFTConfig:
     """The supervised baseline on the same records: learn `<think>…</think>` + the solution."""
 
     think: str = "I look at the image and identify it."  # reasoning text placed in the target
-    learning_rate: float = 1e-5
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    num_epochs: float = 1.0
-    max_steps: int = -1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_ratio: float = 0.0
-    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a NaN/inf loss or gradient
-    seed: int = 42
+    batch_size: int = 8  # records per micro-batch on each device
+    grad_accum_steps: int = 1  # micro-batches per optimiser step (records per step = this x batch x devices)
+    num_epochs: float = 1.0  # passes over the training split
+    max_steps: int = -1  # stop after this many optimiser steps (-1 = from num_epochs)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5))
+    seed: int = 42  # data order and initialisation
 
 
 @dataclass
 class EvalConfig:
     """Greedy (or sampled) decoding over a split, scored by the task's own verifier."""
 
-    batch_size: int = 16
-    max_new_tokens: int = 256
+    batch_size: int = 16  # records per generate call
+    max_new_tokens: int = 256  # new tokens per completion
     temperature: float = 0.0  # 0 = greedy
     steps: int = 0  # train/sft: evaluate on data.eval every N optimiser steps and at the end (0 = only at the end, -1 = never)
 
@@ -164,7 +172,7 @@ class EvalConfig:
 class OutputConfig:
     """Where a run writes and how often."""
 
-    dir: str = "runs/grpo"
+    dir: str = "runs/grpo"  # run directory: config.yaml, metrics.jsonl, checkpoint-N/ ...
     save_steps: int = 100  # checkpoint every N optimiser steps (0 = only at the end)
     save_total_limit: int = 2  # keep this many newest checkpoints
     log_steps: int = 1  # metrics line every N steps
@@ -179,7 +187,7 @@ class OutputConfig:
 
 @dataclass
 class DemoConfig:
-    """The CPU demo's extra phases (used only by `visual-rft demo`)."""
+    """The CPU demo's extra phases (used only by `visual-rft demo` and the sweep's warm-up)."""
 
     dataset: Literal["mnist", "trees"] = "mnist"  # embedded digits (classification) or tree tiles of data.train/eval (detection)
     seed: int = 0  # data split, tiny-model weights and k-shot sample
@@ -189,13 +197,18 @@ class DemoConfig:
     k: int = 16  # examples per class (trees: tiles of the one class "tree") for SFT and RFT
     corpus_records: int = 0  # warm-up prompts + answers added to the tiny tokenizer's corpus (long answers -> fewer tokens)
     warmup_steps: int = 300  # warm-up SFT steps (on the demo's digits: 250 -> ~53%, 300 -> ~62%, 450 -> ~85% held-out)
-    warmup_batch_size: int = 32
-    warmup_learning_rate: float = 1e-3
+    warmup_batch_size: int = 32  # warm-up SFT records per step
+    warmup_learning_rate: float = 1e-3  # warm-up SFT learning rate (its other optimiser settings are sft.optim's)
 
 
 @dataclass
 class SweepConfig:
-    """`visual-rft sweep`: SFT vs RFT from one base, over k-shot sizes x seeds (see sweep.py)."""
+    """`visual-rft sweep`: SFT vs RFT from one base, over k-shot sizes x seeds (see sweep.py).
+
+    Each run trains `images_seen / images_per_step` steps at a learning rate searched per method at
+    `search_k`; the sweep sets the runs' max_steps, batch size, grad_accum_steps (1), learning rate
+    and seed itself, so those settings of the grpo / sft sections are not used.
+    """
 
     base: Literal["warmup", "model"] = "warmup"  # the demo's warm-up on its digits (cached), or model.name_or_path as is
     target: str = "demo"  # k-shot pool / validation / held-out: "demo" = the demo's digit split, else any data source
@@ -213,17 +226,17 @@ class SweepConfig:
 
 @dataclass
 class Config:
-    """A whole run."""
+    """A whole run: one section per concern, each spelled in YAML as its own mapping."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy and how it is placed
+    data: DataConfig = field(default_factory=DataConfig)  # where records come from
+    task: TaskConfig = field(default_factory=TaskConfig)  # prompt and rewards
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # `visual-rft train`
+    sft: SFTConfig = field(default_factory=SFTConfig)  # `visual-rft sft`
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `visual-rft eval` and evaluation during training
+    output: OutputConfig = field(default_factory=OutputConfig)  # where runs write
+    demo: DemoConfig = field(default_factory=DemoConfig)  # `visual-rft demo`
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # `visual-rft sweep`
 
 
 # ----------------------------------------------------------------------------- building from dicts
@@ -280,17 +293,33 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+def build(cls: type, data: dict[str, Any], where: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a nested dict on top of `base` (default: `cls()`), rejecting unknown
+    keys and wrong types. A nested section takes its defaults from the field's own default, so
+    `sft.optim.learning_rate=...` keeps SFT's other optimiser defaults, not OptimConfig's."""
+    base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    changes = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown config key '{path}'" + _suggest(key, names))
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+            raise ConfigError(_unknown_key(key, path, names))
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = build(type(current), value, path, base=current)
+        else:
+            changes[key] = _coerce(value, hints[key], path)
+    return dataclasses.replace(base, **changes)
+
+
+def _unknown_key(key: str, path: str, names: list[str]) -> str:
+    """The error for a key its section (`names`) lacks; an optimiser key given outside its section's
+    `optim` block (where it lived before) names its place."""
+    if "optim" in names and key in {f.name for f in dataclasses.fields(OptimConfig)}:
+        section = path.rsplit(".", 1)[0]
+        return f"unknown config key '{path}': the optimiser settings moved, it is now '{section}.optim.{key}'"
+    return f"unknown config key '{path}'" + _suggest(key, names)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -359,7 +388,8 @@ def validate(cfg: Config) -> None:
         "grpo.max_completion_length": g.max_completion_length, "grpo.max_prompt_length": g.max_prompt_length,
         "sft.batch_size": cfg.sft.batch_size, "sft.grad_accum_steps": cfg.sft.grad_accum_steps,
         "eval.batch_size": cfg.eval.batch_size, "eval.max_new_tokens": cfg.eval.max_new_tokens,
-        "grpo.max_nonfinite_steps": g.max_nonfinite_steps, "sft.max_nonfinite_steps": cfg.sft.max_nonfinite_steps,
+        "grpo.optim.max_nonfinite_steps": g.optim.max_nonfinite_steps,
+        "sft.optim.max_nonfinite_steps": cfg.sft.optim.max_nonfinite_steps,
     }
     for key, value in positive.items():
         if value < 1:

@@ -102,12 +102,19 @@ def tokenizer_corpus(cfg: Config, records: list[Record]) -> list[str]:
     return corpus
 
 
-def _phase_config(cfg: Config, out: Path, model: Path | str, **sft: Any) -> Config:
+def _phase_config(cfg: Config, out: Path, model: Path | str) -> Config:
     phase = copy.deepcopy(cfg)
     phase.model.name_or_path = str(model)
     phase.output.dir = str(out)
-    for key, value in sft.items():
-        setattr(phase.sft, key, value)
+    return phase
+
+
+def warmup_config(cfg: Config, out: Path, model: Path | str) -> Config:
+    """The warm-up phase: SFT at the demo section's steps, batch size and learning rate."""
+    phase = _phase_config(cfg, out, model)
+    d = phase.demo
+    phase.sft.max_steps, phase.sft.batch_size, phase.sft.optim.learning_rate = (
+        d.warmup_steps, d.warmup_batch_size, d.warmup_learning_rate)
     return phase
 
 
@@ -149,10 +156,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: str | Path | None =
     cfg.data.train, cfg.data.eval = str(out / "data/kshot/data.jsonl"), str(out / "data/test/data.jsonl")
     lap("setup")
 
-    d = cfg.demo
-    warmup = _phase_config(cfg, out / "base", tiny, max_steps=d.warmup_steps, batch_size=d.warmup_batch_size,
-                           learning_rate=d.warmup_learning_rate)
-    base = _final_model(train_sft(warmup, splits["warmup"]))
+    base = _final_model(train_sft(warmup_config(cfg, out / "base", tiny), splits["warmup"]))
     lap("warmup")
     sft = _final_model(train_sft(_phase_config(cfg, out / "sft", base), splits["kshot"]))
     lap("sft")

@@ -92,7 +92,8 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _training_section(cfg: Config, source: ModelSource, rows: list[dict[str, Any]], merged: bool) -> list[str]:
     grpo = any("reward/total_mean" in r for r in rows) or (source.run is not None and (source.run / "rollouts.jsonl").is_file())
     method = "GRPO (Visual-RFT)" if grpo else "supervised fine-tuning" if rows else "not recorded"
-    settings = to_dict(cfg.grpo if grpo else cfg.sft)
+    section = cfg.grpo if grpo else cfg.sft
+    settings = {**to_dict(section), **to_dict(section.optim)}  # learning_rate lives in the optim block
     keys = _GRPO_KEYS if grpo else _SFT_KEYS
     lines = ["## Training", "", f"- method: {method}",
              f"- step: {source.step if source.step is not None else 'not recorded'}",

@@ -1,4 +1,4 @@
-"""Optimiser, LR schedule and the deterministic data order shared by GRPO and SFT."""
+"""Optimiser, LR schedule and the deterministic data order shared by GRPO and SFT (each with its own OptimConfig)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from transformers import get_scheduler
 
+from visual_rft.config import OptimConfig
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -18,16 +20,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float,
-                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad."""
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (all frozen?)")
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas)
+    return torch.optim.AdamW(trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay,
+                             betas=(optim.adam_beta1, optim.adam_beta2))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_ratio: float) -> Any:
-    return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * total_steps),
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> Any:
+    """optim.lr_scheduler over `total_steps` optimiser steps, the first warmup_ratio of them warming up."""
+    return get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=int(optim.warmup_ratio * total_steps),
                          num_training_steps=total_steps)
 
 

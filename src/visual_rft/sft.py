@@ -67,15 +67,15 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = s.batch_size * s.grad_accum_steps * world
     steps = total_steps(len(records), per_step, s.num_epochs, s.max_steps)
-    optimizer = make_optimizer(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
-    scheduler = make_scheduler(optimizer, s.lr_scheduler, steps, s.warmup_ratio)
+    optimizer = make_optimizer(model.parameters(), s.optim)
+    scheduler = make_scheduler(optimizer, s.optim, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     log = RunLog(out, enabled=accelerator.is_main_process, accelerator=accelerator, cfg=cfg)
     timer = PhaseTimer()
-    guard = NonFiniteGuard(s.max_nonfinite_steps)
+    guard = NonFiniteGuard(s.optim.max_nonfinite_steps)
     model.train()
     for step in tqdm(range(steps), desc="sft", disable=not cfg.output.progress):
         indices = step_indices(step, per_step, len(records), s.seed)
@@ -88,7 +88,7 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
                     loss = sft_loss(model, processor, [records[i] for i in chunk], cfg, accelerator.device)
                     accelerator.backward(loss / len(micro))
                 losses.append(loss.item())
-            grad_norm, stepped = clip_and_step(model, optimizer, scheduler, s.max_grad_norm,
+            grad_norm, stepped = clip_and_step(model, optimizer, scheduler, s.optim.max_grad_norm,
                                                accelerator.clip_grad_norm_)
         guard.record(step + 1, stepped)
         evaluated = evaluator.maybe_run(step + 1, steps, accelerator, model, processor, log) if evaluator else {}

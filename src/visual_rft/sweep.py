@@ -32,7 +32,7 @@ from visual_rft.config import Config, ConfigError, load_config, to_dict
 from visual_rft.data.fewshot import sample_k_shot, split_records
 from visual_rft.data.record import Record
 from visual_rft.data.sources import load_records
-from visual_rft.demo import _evaluate, _final_model, _phase_config, digit_splits, tokenizer_corpus
+from visual_rft.demo import _evaluate, _final_model, _phase_config, digit_splits, tokenizer_corpus, warmup_config
 from visual_rft.models.tiny import build_tiny_model
 from visual_rft.report.build import write_report
 from visual_rft.report.discover import SWEEP_RESULTS
@@ -103,8 +103,7 @@ def base_model(cfg: Config, warmup: list[Record], log: Any = print) -> Path:
     d = cfg.demo
     tiny = build_tiny_model(home / "tiny-model", seed=d.seed, image_size=cfg.data.image_size or 56,
                             corpus=tokenizer_corpus(cfg, warmup))
-    warm = _phase_config(cfg, home / "base", tiny, max_steps=d.warmup_steps, batch_size=d.warmup_batch_size,
-                         learning_rate=d.warmup_learning_rate)
+    warm = warmup_config(cfg, home / "base", tiny)
     warm.output.progress = False
     model = _final_model(train_sft(warm, warmup))
     # relative to the cache folder, so the cache can move or be read from another working directory
@@ -185,11 +184,11 @@ class Sweep:
         per_step = self.cfg.sweep.images_per_step
         if job.method == "sft":
             s = cfg.sft
-            s.max_steps, s.batch_size, s.grad_accum_steps, s.learning_rate, s.seed = (
+            s.max_steps, s.batch_size, s.grad_accum_steps, s.optim.learning_rate, s.seed = (
                 self.steps, per_step, 1, job.learning_rate, job.seed)
             return _final_model(train_sft(cfg, records))
         g = cfg.grpo
-        g.max_steps, g.per_device_batch_size, g.grad_accum_steps, g.learning_rate, g.seed = (
+        g.max_steps, g.per_device_batch_size, g.grad_accum_steps, g.optim.learning_rate, g.seed = (
             self.steps, per_step, 1, job.learning_rate, job.seed)
         rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
         return _final_model(GRPOTrainer(cfg, records, rewards).fit())

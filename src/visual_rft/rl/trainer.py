@@ -51,9 +51,8 @@ class GRPOTrainer:
         self.parse = task_module(cfg.task.name).parse_answer
         per_step = self.g.per_device_batch_size * self.g.grad_accum_steps * self.accelerator.num_processes
         self.per_step, self.total = per_step, total_steps(len(records), per_step, self.g.num_epochs, self.g.max_steps)
-        optimizer = make_optimizer(self.model.parameters(), lr=self.g.learning_rate, weight_decay=self.g.weight_decay,
-                                   betas=(self.g.adam_beta1, self.g.adam_beta2))
-        scheduler = make_scheduler(optimizer, self.g.lr_scheduler, self.total, self.g.warmup_ratio)
+        optimizer = make_optimizer(self.model.parameters(), self.g.optim)
+        scheduler = make_scheduler(optimizer, self.g.optim, self.total)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = scheduler
         self.start_step = 0
@@ -65,7 +64,7 @@ class GRPOTrainer:
         if ckpt is not None:
             self.log.truncate_after(self.start_step)
         self.timer = PhaseTimer()
-        self.guard = NonFiniteGuard(self.g.max_nonfinite_steps)
+        self.guard = NonFiniteGuard(self.g.optim.max_nonfinite_steps)
         self.objective = Objective.from_config(self.g)
         self.fast = self.g.fast == "auto"
         self._explained: set[str] = set()  # shortcuts whose fallback reason was already printed
@@ -160,7 +159,7 @@ class GRPOTrainer:
             losses.append(loss.item() / len(rollouts))
             stats.append({k: v.item() for k, v in s.items()})
         clip = self.accelerator.clip_grad_norm_
-        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.scheduler, self.g.max_grad_norm, clip)
+        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.scheduler, self.g.optim.max_grad_norm, clip)
         merged = {k: statistics.fmean(s[k] for s in stats) for k in stats[0]} if stats else {}
         return {"loss": sum(losses), "grad_norm": grad_norm, "stepped": stepped, **merged}
 
