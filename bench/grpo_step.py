@@ -174,7 +174,7 @@ def wrap(fn, monitor, name, when=lambda *a, **k: True):
 # --------------------------------------------------------------------------------------------- the sides
 def setup_ours(ckpt, settings, workdir):
     from visual_rft.config import load_config
-    from visual_rft.rewards import RewardSet
+    from visual_rft.rewards import RewardSet, task_parser
     from visual_rft.rl.trainer import GRPOTrainer
 
     demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -187,7 +187,8 @@ def setup_ours(ckpt, settings, workdir):
         f"grpo.beta={settings['beta']}", f"grpo.optim.learning_rate={settings['lr']}", "grpo.temperature=1.0",
         "grpo.max_prompt_length=4096", "grpo.loss_type=grpo", "grpo.optim.max_grad_norm=1.0",
     ])
-    trainer = GRPOTrainer(cfg, records(settings), RewardSet(["length"], [length_reward], [1.0]))
+    rewards = RewardSet(["length"], [length_reward], [1.0], task_parser(cfg.task.name, cfg.task.mode))
+    trainer = GRPOTrainer(cfg, records(settings), rewards)
     trainer.suppress = suppress_ids(trainer.processor, trainer.policy)
     return trainer
 

@@ -172,9 +172,11 @@ def test_unscorable_completions_zero_or_excluded():
     assert group_advantages(rewards, 4).tolist() == pytest.approx([(r - 0.75) / (std + 1e-4) for r in rewards.tolist()])
     # fewer than two scorable completions: nothing to compare, advantage 0
     assert group_advantages(rewards, 4, scorable=torch.tensor([False, True, False, False])).tolist() == [0.0] * 4
-    reward_set = RewardSet(["maybe"], [lambda completions, **_: [None if c == "?" else 1.0 for c in completions]], [1.0])
-    scores, applicable = reward_set.score_and_applicability(["a", "?"], {})
-    assert scores == {"maybe": [1.0, 0.0]} and applicable == [True, False]
+    reward_set = RewardSet(["maybe"], [lambda completions, **_: [None if c == "?" else 1.0 for c in completions]], [1.0],
+                           parse=lambda completion, **_: None if completion == "?" else completion)
+    scored = reward_set.score_all(["a", "?"], {})
+    assert scored.components == {"maybe": [1.0, 0.0]} and scored.applicable == [True, False]
+    assert scored.parse_failed == [False, True]
 
 
 def _advantage_phase(**settings):

@@ -1,14 +1,16 @@
 """The GRPO trainer on the tiny model: learning, the KL term, checkpoints and resume."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from visual_rft.checkpoint import latest_checkpoint, list_checkpoints
-from visual_rft.rewards import resolve_rewards
-from visual_rft.rl.rollout import scoring_inputs
+from visual_rft.data.record import Record
+from visual_rft.rewards import resolve_rewards, task_module
+from visual_rft.rl.rollout import Rollout, scoring_inputs
 from visual_rft.rl.trainer import GRPOTrainer, train_grpo
 from visual_rft.runlog import read_jsonl
 from visual_rft.runtime import load_split
@@ -187,3 +189,50 @@ def test_step_metrics_count_zero_variance_groups_and_truncation(small_cfg):
     # 8 new tokens: a tiny model rarely says <|im_end|> that early, and strict accuracy/format rarely vary
     assert 0.0 <= row["frac_reward_zero_std"] <= 1.0 and row["truncated_frac"] > 0.5
     assert row["unscorable_frac"] == 0.0 and "time/advantage" in row
+
+
+# ----------------------------------------------------------------------------------- parse failures
+_BOX = "<think>x</think><answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.9}]</answer>"
+PARSE_CASES = {  # task -> (solution, completions)
+    "classification": ("<answer>seven</answer>", ["<think>x</think><answer>seven</answer>", "seven",
+                                                  "<think>x</think><answer> </answer>",
+                                                  "<answer>a</answer><answer>b</answer>"]),
+    "detection": (f"<answer>[{{'Position': [0, 0, 10, 10], 'Confidence': 1}}]</answer>",
+                  [_BOX, "<think>x</think><answer>No Objects</answer>", "garbage", _BOX.replace("10, 10]", "10]")]),
+    "grounding": ("<answer>(10,10),(50,50)</answer>", ["<think>x</think><answer>(10,10),(50,50)</answer>",
+                                                       "<answer>(50,50),(10,10)</answer>", "no box",
+                                                       "<answer>[10, 10, 50, 50]</answer>"]),
+}
+PARSE_FAILED = {  # (task, mode) -> which of PARSE_CASES' completions the task's parser cannot parse
+    ("classification", "strict"): [False, True, True, True],
+    ("classification", "visual_rft"): [False, False, False, False],  # the original falls back to the whole text
+    ("detection", "strict"): [False, False, True, True],  # No Objects is an answer (no boxes)
+    ("detection", "visual_rft"): [False, True, True, False],
+    ("grounding", "strict"): [False, True, True, True],
+    ("grounding", "visual_rft"): [False, False, True, True],
+}
+
+
+@pytest.mark.parametrize("task, mode", sorted(PARSE_FAILED))
+def test_scoring_counts_the_parse_failures_a_reparse_finds(task, mode):
+    """The reward phase records parse failures; _metrics used to parse every completion again."""
+    solution, texts = PARSE_CASES[task]
+    records = [Record("unused.png", "q", solution, {"box_space": "qwen2vl"}) for _ in texts]
+    n = len(texts)
+    rollout = Rollout(records, [""] * n, {}, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1), texts)
+    rewards = resolve_rewards(task, list(task_module(task).REWARDS), mode)
+    GRPOTrainer.score(SimpleNamespace(rewards=rewards), rollout)
+    reparsed = [task_module(task).parse_answer(t, mode=mode, **r.columns()) is None for t, r in zip(texts, records)]
+    assert rollout.parse_failed.tolist() == reparsed == PARSE_FAILED[task, mode]
+
+
+def test_logged_parse_failure_rate_is_the_reparsed_rate(small_cfg):
+    cfg = small_cfg("grpo.beta=0")
+    trainer = GRPOTrainer(cfg, load_split(cfg), resolve_rewards("classification", cfg.task.rewards, "strict"))
+    rollouts = _step_rollouts(trainer)
+    parse = task_module("classification").parse_answer
+    reparsed = [parse(t, mode="strict", **rec.columns()) is None
+                for r in rollouts for t, rec in zip(r.completions, r.records)]
+    metrics = trainer._metrics(rollouts, [{"loss": 0.0}])
+    assert metrics["parse_failure_rate"] == pytest.approx(sum(reparsed) / len(reparsed))
+    assert len(reparsed) == cfg.grpo.per_device_batch_size * cfg.grpo.grad_accum_steps * cfg.grpo.num_generations

@@ -3,10 +3,14 @@
 Every reward has the TRL signature `f(completions, **columns) -> list[float | None]` (None = not
 applicable to that row). The task's `mode` (strict / visual_rft) is bound here, once, so the trainer
 and `eval` call the very same function objects and the metric cannot drift from the reward.
+A reward returns only numbers, so a parse failure (0 reward) and a wrong answer (0 reward) look
+alike to it; scoring therefore also runs the task's own parser, once, and reports which completions
+it could not parse (the trainer's parse_failure_rate).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -27,6 +31,11 @@ def task_module(task: str) -> ModuleType:
     if task not in TASK_MODULES:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_MODULES)}")
     return importlib.import_module(TASK_MODULES[task])
+
+
+def task_parser(task: str, mode: str) -> Callable[..., Any]:
+    """The task's `parse_answer` with the reward mode bound: (completion, **columns) -> answer, None if unparsable."""
+    return functools.partial(task_module(task).parse_answer, mode=mode)
 
 
 def _load_user_function(spec: str) -> RewardFn:
@@ -54,29 +63,40 @@ def _bind_mode(fn: RewardFn, mode: str) -> RewardFn:
 
 
 @dataclass
+class Scores:
+    """What scoring one batch of completions found, one entry per completion in each list."""
+
+    components: dict[str, list[float]]  # per reward name; None (not applicable) and non-finite count as 0
+    applicable: list[bool]  # some reward returned a value (not None): GRPO's grpo.unscorable reads it
+    parse_failed: list[bool]  # the task's parser found no answer (parse_answer gave None)
+
+
+@dataclass
 class RewardSet:
-    """The configured reward components of a run and their weights."""
+    """The configured reward components of a run, their weights, and the task's answer parser."""
 
     names: list[str]
     functions: list[RewardFn]
     weights: list[float]
+    parse: Callable[..., Any]  # the task's parse_answer with its mode bound: (completion, **columns) -> answer | None
 
     def score(self, completions: list[str], columns: dict[str, list]) -> dict[str, list[float]]:
         """Score every component; None (not applicable) and non-finite values count as 0."""
-        return self.score_and_applicability(completions, columns)[0]
+        return self.score_all(completions, columns).components
 
-    def score_and_applicability(self, completions: list[str],
-                                columns: dict[str, list]) -> tuple[dict[str, list[float]], list[bool]]:
-        """`score`, and for each completion whether any reward applied to it (returned a value, not
-        None): GRPO can leave the unscorable ones out of their group's statistics (grpo.unscorable)."""
-        scores, scorable = {}, [False] * len(completions)
+    def score_all(self, completions: list[str], columns: dict[str, list]) -> Scores:
+        """Every component's scores, which completions any reward applied to, and which ones the
+        task's parser could not parse (each row's columns passed to it as to the rewards)."""
+        components, applicable = {}, [False] * len(completions)
         for name, fn in zip(self.names, self.functions):
             values = fn(completions, **columns)
             if len(values) != len(completions):
                 raise ValueError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
-            scores[name] = [float(v) if v is not None and math.isfinite(v) else 0.0 for v in values]
-            scorable = [seen or v is not None for seen, v in zip(scorable, values)]
-        return scores, scorable
+            components[name] = [float(v) if v is not None and math.isfinite(v) else 0.0 for v in values]
+            applicable = [seen or v is not None for seen, v in zip(applicable, values)]
+        rows = ({key: values[i] for key, values in columns.items()} for i in range(len(completions)))
+        parse_failed = [self.parse(text, **row) is None for text, row in zip(completions, rows)]
+        return Scores(components, applicable, parse_failed)
 
     def total(self, scores: dict[str, list[float]]) -> list[float]:
         n = len(next(iter(scores.values())))
@@ -95,4 +115,4 @@ def resolve_rewards(task: str, names: list[str], mode: str, weights: list[float]
         else:
             raise ValueError(f"unknown reward {name!r} for task {task!r}; known: {', '.join(registry)} "
                              "(or give user code as module:function)")
-    return RewardSet(list(names), functions, list(weights) if weights else [1.0] * len(names))
+    return RewardSet(list(names), functions, list(weights) if weights else [1.0] * len(names), task_parser(task, mode))

@@ -41,6 +41,7 @@ class Rollout:
     temperature: float = 1.0
     truncated: torch.Tensor | None = None  # [N] bool, cut at max_completion_length without an EOS
     scorable: torch.Tensor | None = None  # [N] bool, some reward applied (not None)
+    parse_failed: torch.Tensor | None = None  # [N] bool, the task's parser found no answer
     loss_mask: torch.Tensor | None = None  # [N, T], the tokens that train (completion_mask minus left-out rows)
     zero_variance: torch.Tensor | None = None  # [N / group_size] bool, groups whose rewards are all equal
     paths: dict[str, bool] = field(default_factory=dict)  # which shortcuts produced this rollout's numbers

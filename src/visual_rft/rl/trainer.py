@@ -20,7 +20,7 @@ from visual_rft.models.loading import load_reference_model, vision_token_ids
 from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
                               slot_seed, step_indices, total_steps)
 from visual_rft.preflight import find_resume_checkpoint
-from visual_rft.rewards import RewardSet, resolve_rewards, task_module
+from visual_rft.rewards import RewardSet, resolve_rewards
 from visual_rft.rl.advantages import group_advantages, group_reward_std, zero_variance_groups
 from visual_rft.rl.fast import (default_sampler, generate_grouped, packing_blocker, prefill_once_blocker,
                                 rollout_logprobs)
@@ -48,7 +48,6 @@ class GRPOTrainer:
             self.ref_model = load_reference_model(cfg.model.name_or_path, dtype=cfg.model.dtype,
                                                   device=str(self.accelerator.device))
         self.suppress = vision_token_ids(self.processor, self.model.config)
-        self.parse = task_module(cfg.task.name).parse_answer
         per_step = self.g.per_device_batch_size * self.g.grad_accum_steps * self.accelerator.num_processes
         self.per_step, self.total = per_step, total_steps(len(records), per_step, self.g.num_epochs, self.g.max_steps)
         optimizer = make_optimizer(self.model.parameters(), self.g.optim)
@@ -98,9 +97,10 @@ class GRPOTrainer:
         return rollout
 
     def score(self, rollout: Rollout) -> None:
-        scores, scorable = self.rewards.score_and_applicability(rollout.completions, columns_of(rollout.records))
-        rollout.scores, rollout.scorable = scores, torch.tensor(scorable)
-        rollout.rewards = torch.tensor(self.rewards.total(scores), dtype=torch.float32)
+        scored = self.rewards.score_all(rollout.completions, columns_of(rollout.records))
+        rollout.scores, rollout.scorable = scored.components, torch.tensor(scored.applicable)
+        rollout.parse_failed = torch.tensor(scored.parse_failed)
+        rollout.rewards = torch.tensor(self.rewards.total(scored.components), dtype=torch.float32)
 
     def advantage(self, rollout: Rollout) -> None:
         """Group advantages, and which completions train: all, or not those of zero-variance groups
@@ -254,8 +254,7 @@ class GRPOTrainer:
         for r in rollouts:
             columns["total"].append(r.rewards)
             columns["length"].append(r.completion_mask.sum(1).float().cpu())
-            columns["parse_failed"].append(torch.tensor([self.parse(t, mode=self.cfg.task.mode, **rec.columns()) is None
-                                                         for t, rec in zip(r.completions, r.records)]).float())
+            columns["parse_failed"].append(r.parse_failed.float())  # the task's parser, run once while scoring
             columns["unscorable"].append((~r.scorable).float())
             columns["truncated"].append(r.truncated.float())
             columns["zero_variance_group"].append(r.zero_variance.float().repeat_interleave(r.group_size))
