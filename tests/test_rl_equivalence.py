@@ -153,14 +153,32 @@ def test_eager_attention_packs_with_an_additive_mask(tiny_vl):
     assert torch.allclose(fast[mask], naive[mask], atol=1e-5)
 
 
+def _recorded_step_logits(model):
+    """The logits generate_grouped draws from at each step [N, V], rebuilt through the LM head from the
+    last hidden state of every forward of the base model under it (a forward hook), and the hook."""
+    head = model.get_output_embeddings().weight
+    steps: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        logits = (output.last_hidden_state[:, -1] @ head.T).float()
+        # the first call is the prefill, one row per group, whose logits generate_grouped repeats G times
+        steps.append(logits if steps else logits.repeat_interleave(G, dim=0))
+
+    return steps, model.model.register_forward_hook(keep)
+
+
 def _both(model, processor, group, sampler="multinomial", **settings):
-    """generate on the repeated prompts and generate_grouped, each from the same RNG state."""
+    """generate on the repeated prompts and generate_grouped, each from the same RNG state; with the
+    logits generate_grouped drew each token from (recorded by a forward hook)."""
     settings = dict(max_new_tokens=8, suppress_ids=vision_token_ids(processor), **settings)
     torch.manual_seed(123)
     plain = generate(model, processor.tokenizer, repeat_inputs(group, G), **settings)
     torch.manual_seed(123)
-    steps: list[torch.Tensor] = []
-    fast = generate_grouped(model, processor.tokenizer, group, G, logits_out=steps, sampler=sampler, **settings)
+    steps, hook = _recorded_step_logits(model)
+    try:
+        fast = generate_grouped(model, processor.tokenizer, group, G, sampler=sampler, **settings)
+    finally:
+        hook.remove()
     return plain, fast, steps
 
 

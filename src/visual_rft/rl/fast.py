@@ -137,7 +137,6 @@ def generate_grouped(
     suppress_ids: list[int] | None = None,
     sampler: str | None = None,
     prefill_once: bool = True,
-    logits_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`generate` on the prompts repeated `group_size` times in a row, with each prompt prefilled once.
 
@@ -149,7 +148,6 @@ def generate_grouped(
     shortcut does not fit (prefill_once_blocker), runs transformers' generate instead.
     Only the explicit settings apply: sampling defaults stored in a checkpoint's generation_config
     (repetition_penalty, a default top_k) are not picked up.
-    `logits_out`, when given, receives each step's raw logits [N, V] (for tests).
     """
     blocked = not prefill_once or prefill_once_blocker(model, group_inputs, group_size) is not None
     if blocked:  # switched off, nothing to share, or positions this code cannot continue
@@ -176,8 +174,6 @@ def generate_grouped(
     unfinished = torch.ones(rows, dtype=torch.long, device=logits.device)
     tokens = torch.empty(rows, 0, dtype=torch.long, device=logits.device)
     for step in range(max_new_tokens):
-        if logits_out is not None:
-            logits_out.append(logits)
         scores = logits.index_fill(1, suppress, -float("inf")) if suppress.numel() else logits
         nxt = _draw(warpers(tokens, scores), temperature > 0, sampler)
         nxt = nxt * unfinished + pad * (1 - unfinished)
