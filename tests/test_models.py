@@ -289,11 +289,16 @@ def test_auto_attention_picks_flash_only_where_it_can_run(monkeypatch):
 
 # ----------------------------------------------------------------------------------------- import layering
 MODELS_DIR = Path(models_package.__file__).parent
-ALLOWED_OUTSIDE = {"visual_rft.versions"}  # the only project module below models/
+PACKAGE = "visual_rft.models"
+# bottom (0) to top; a module imports only from lower layers, which also rules out cycles. A new
+# module must be given a layer here (the test fails for one it does not know).
+LAYERS = {"families": 0, "tiny_families": 0, "tiny": 1, "loading": 1, "__init__": 1}
+BELOW_MODELS = {"visual_rft.versions"}  # the only visual_rft module outside models/ it may import
 
 
-def _visual_rft_imports(tree: ast.AST, module: str) -> list[tuple[str, bool]]:
-    """(imported visual_rft module, whether the import sits inside a function or class) for every import."""
+def visual_rft_imports(path: Path) -> list[tuple[str, bool]]:
+    """(visual_rft module imported, whether the import sits inside a function or class) for every
+    import in `path`, a module of models/; `from P import x` names P.x where x is a module of P."""
     found = []
 
     def visit(node: ast.AST, nested: bool) -> None:
@@ -303,47 +308,51 @@ def _visual_rft_imports(tree: ast.AST, module: str) -> list[tuple[str, bool]]:
                 found.extend((a.name, inner) for a in child.names if a.name.split(".")[0] == "visual_rft")
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
-                if child.level:  # relative: resolve against this module's package (a package is its own)
-                    parts = module.split(".")
-                    package = ".".join(parts[:len(parts) - child.level + (MODULES[module].stem == "__init__")])
-                    base = f"{package}.{base}" if base else package
+                if child.level:  # relative: `.x` inside visual_rft.models
+                    base = ".".join([PACKAGE] + ([base] if base else []))
                 if base.split(".")[0] == "visual_rft":
-                    # `from visual_rft.models import loading` imports the submodule loading
-                    found.extend((f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base, inner)
-                                 for a in child.names)
+                    found.extend((f"{base}.{a.name}" if base == PACKAGE else base, inner) for a in child.names)
             visit(child, inner)
 
-    visit(tree, False)
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
     return found
 
 
-MODULES = {f"visual_rft.models.{p.stem}" if p.stem != "__init__" else "visual_rft.models": p
-           for p in MODELS_DIR.glob("*.py")}
+def _layer(name: str) -> int | None:
+    """The layer of a models/ module given by its dotted name; None outside models/."""
+    if name == PACKAGE:
+        return LAYERS["__init__"]
+    return LAYERS[name.split(".")[2]] if name.startswith(PACKAGE + ".") else None
 
 
-def test_model_modules_import_one_way():
-    """models/ imports nothing of visual_rft but itself and versions.py, only at module level, and
-    without a cycle (families and tiny_families at the bottom; tiny and loading above them)."""
-    edges: dict[str, set[str]] = {}
-    for module, path in MODULES.items():
-        imports = _visual_rft_imports(ast.parse(path.read_text()), module)
-        assert not [name for name, nested in imports if nested], f"{path.name}: import inside a function"
-        outside = {name for name, _ in imports if name not in MODULES and name not in ALLOWED_OUTSIDE}
-        assert not outside, f"{path.name} reaches out of models/: {sorted(outside)}"
-        edges[module] = {name for name, _ in imports if name in MODULES and name != module}
-    # Kahn's algorithm: a module is placed once everything it imports is placed; a cycle never is.
-    placed: list[str] = []
-    while len(placed) < len(edges):
-        ready = sorted(m for m, deps in edges.items() if m not in placed and deps <= set(placed))
-        assert ready, f"import cycle among {sorted(set(edges) - set(placed))}"
-        placed += ready
-    assert placed.index("visual_rft.models.families") < placed.index("visual_rft.models.loading")
-    assert placed.index("visual_rft.models.tiny_families") < placed.index("visual_rft.models.tiny")
+def test_every_models_module_has_a_layer():
+    assert sorted(p.stem for p in MODELS_DIR.glob("*.py")) == sorted(LAYERS)
 
 
-def test_the_layering_check_sees_lazy_imports_and_cycles():
-    lazy = ast.parse("def f():\n    from visual_rft.rl.rollout import unwrap_model\n")
-    assert _visual_rft_imports(lazy, "visual_rft.models.families") == [("visual_rft.rl.rollout", True)]
-    relative = ast.parse("from .families import fast_paths\nfrom visual_rft.models import tiny\n")
-    assert _visual_rft_imports(relative, "visual_rft.models.loading") == [
-        ("visual_rft.models.families", False), ("visual_rft.models.tiny", False)]
+def test_models_imports_point_down_and_nowhere_else():
+    """families and tiny_families at the bottom; tiny and loading above them; nothing of rl/ or the
+    commands (families used to import rl.rollout, tiny_model and models each other)."""
+    wrong = []
+    for module, layer in LAYERS.items():
+        for name, _ in visual_rft_imports(MODELS_DIR / f"{module}.py"):
+            target = _layer(name)
+            if (target is None and name not in BELOW_MODELS) or (target is not None and target >= layer):
+                wrong.append(f"{module} (layer {layer}) imports {name}")
+    assert wrong == []
+
+
+def test_no_models_import_hides_inside_a_function():
+    hidden = [f"{module} -> {name}" for module in LAYERS
+              for name, nested in visual_rft_imports(MODELS_DIR / f"{module}.py") if nested]
+    assert hidden == []
+
+
+def test_the_layering_check_sees_every_import_form(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import visual_rft.models.tiny\nfrom visual_rft.models import loading\nfrom . import families\n"
+                      "from .tiny_families import TINY_FAMILIES\nimport json\n"
+                      "def f():\n    from visual_rft.rl.rollout import unwrap_model\n")
+    assert visual_rft_imports(source) == [
+        ("visual_rft.models.tiny", False), ("visual_rft.models.loading", False), ("visual_rft.models.families", False),
+        ("visual_rft.models.tiny_families", False), ("visual_rft.rl.rollout", True)]
+    assert [_layer(name) for name, _ in visual_rft_imports(source)] == [1, 1, 0, 0, None]
