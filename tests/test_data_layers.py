@@ -7,10 +7,11 @@ layer here: the test fails for any data module it does not know.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import visual_rft.data
+
+from import_layers import visual_rft_imports
 
 DATA = Path(visual_rft.data.__file__).parent
 PACKAGE = "visual_rft.data"
@@ -28,25 +29,8 @@ LAYERS = {
 
 def data_imports(path: Path) -> list[tuple[str, bool]]:
     """(data module imported, whether the import sits inside a function) for every import in `path`."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    nested = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for node in ast.walk(fn) if node is not fn}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: `.x` inside visual_rft.data
-                base = ".".join([PACKAGE] + ([base] if base else []))
-            # `from visual_rft.data import trees` imports the module trees
-            targets = [f"{base}.{alias.name}" for alias in node.names] if base == PACKAGE else [base]
-        else:
-            continue
-        for target in targets:
-            if target.startswith(PACKAGE + "."):
-                found.append((target.split(".")[2], id(node) in nested))
-    return found
+    return [(target.split(".")[2], nested) for target, nested in visual_rft_imports(path, PACKAGE)
+            if target.startswith(PACKAGE + ".")]
 
 
 def test_every_data_module_has_a_layer():

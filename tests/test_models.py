@@ -3,7 +3,6 @@ and the package's one-way imports."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,8 @@ from visual_rft.models.loading import (
     vision_token_ids,
 )
 from visual_rft.models.tiny import FORMAT_TOKENS, QWEN2VL_SPECIAL_TOKENS, build_tiny_model, make_tiny_model
+
+from import_layers import visual_rft_imports
 
 IMAGE_ONLY_QWEN2_VL = processor_class_for("qwen2_vl")  # what the loader gives for the tiny checkpoint
 PROMPTS = ["What digit is shown in the image?", "Which handwritten digit is this? Answer with a single digit."]
@@ -296,28 +297,6 @@ LAYERS = {"families": 0, "tiny_families": 0, "tiny": 1, "loading": 1, "__init__"
 BELOW_MODELS = {"visual_rft.versions"}  # the only visual_rft module outside models/ it may import
 
 
-def visual_rft_imports(path: Path) -> list[tuple[str, bool]]:
-    """(visual_rft module imported, whether the import sits inside a function or class) for every
-    import in `path`, a module of models/; `from P import x` names P.x where x is a module of P."""
-    found = []
-
-    def visit(node: ast.AST, nested: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
-            if isinstance(child, ast.Import):
-                found.extend((a.name, inner) for a in child.names if a.name.split(".")[0] == "visual_rft")
-            elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:  # relative: `.x` inside visual_rft.models
-                    base = ".".join([PACKAGE] + ([base] if base else []))
-                if base.split(".")[0] == "visual_rft":
-                    found.extend((f"{base}.{a.name}" if base == PACKAGE else base, inner) for a in child.names)
-            visit(child, inner)
-
-    visit(ast.parse(path.read_text(encoding="utf-8")), False)
-    return found
-
-
 def _layer(name: str) -> int | None:
     """The layer of a models/ module given by its dotted name; None outside models/."""
     if name == PACKAGE:
@@ -329,30 +308,32 @@ def test_every_models_module_has_a_layer():
     assert sorted(p.stem for p in MODELS_DIR.glob("*.py")) == sorted(LAYERS)
 
 
-def test_models_imports_point_down_and_nowhere_else():
-    """families and tiny_families at the bottom; tiny and loading above them; nothing of rl/ or the
-    commands (families used to import rl.rollout, tiny_model and models each other)."""
+def _violations(module: str, path: Path) -> list[str]:
+    """What breaks the layering in `path` (models/ module `module`): an import from its own or a higher
+    layer, from visual_rft outside models/ (but BELOW_MODELS), or from visual_rft inside a function."""
     wrong = []
-    for module, layer in LAYERS.items():
-        for name, _ in visual_rft_imports(MODELS_DIR / f"{module}.py"):
-            target = _layer(name)
-            if (target is None and name not in BELOW_MODELS) or (target is not None and target >= layer):
-                wrong.append(f"{module} (layer {layer}) imports {name}")
-    assert wrong == []
+    for name, nested in visual_rft_imports(path, PACKAGE):
+        target = _layer(name)
+        if (target is None and name not in BELOW_MODELS) or (target is not None and target >= LAYERS[module]):
+            wrong.append(f"{module} (layer {LAYERS[module]}) imports {name}")
+        if nested:
+            wrong.append(f"{module} imports {name} inside a function")
+    return wrong
 
 
-def test_no_models_import_hides_inside_a_function():
-    hidden = [f"{module} -> {name}" for module in LAYERS
-              for name, nested in visual_rft_imports(MODELS_DIR / f"{module}.py") if nested]
-    assert hidden == []
+def test_models_imports_point_down_and_nowhere_else():
+    """families and tiny_families at the bottom, tiny and loading above them, nothing of rl/ or the
+    commands, no lazy imports (families used to import rl.rollout lazily; tiny_model and models each other)."""
+    assert [v for module in LAYERS for v in _violations(module, MODELS_DIR / f"{module}.py")] == []
 
 
-def test_the_layering_check_sees_every_import_form(tmp_path):
-    source = tmp_path / "m.py"
-    source.write_text("import visual_rft.models.tiny\nfrom visual_rft.models import loading\nfrom . import families\n"
-                      "from .tiny_families import TINY_FAMILIES\nimport json\n"
-                      "def f():\n    from visual_rft.rl.rollout import unwrap_model\n")
-    assert visual_rft_imports(source) == [
-        ("visual_rft.models.tiny", False), ("visual_rft.models.loading", False), ("visual_rft.models.families", False),
-        ("visual_rft.models.tiny_families", False), ("visual_rft.rl.rollout", True)]
-    assert [_layer(name) for name, _ in visual_rft_imports(source)] == [1, 1, 0, 0, None]
+def test_the_layering_check_fails_on_the_old_knot(tmp_path):
+    families = tmp_path / "families.py"
+    families.write_text("def fast_paths(model):\n    from visual_rft.rl.rollout import unwrap_model\n")
+    tiny = tmp_path / "tiny.py"
+    tiny.write_text("from . import families\nfrom visual_rft.models import loading\n\n"
+                    "def make_tiny_model():\n    from visual_rft.models.families import processor_class_for\n")
+    assert _violations("families", families) == ["families (layer 0) imports visual_rft.rl.rollout",
+                                                 "families imports visual_rft.rl.rollout inside a function"]
+    assert _violations("tiny", tiny) == ["tiny (layer 1) imports visual_rft.models.loading",
+                                         "tiny imports visual_rft.models.families inside a function"]
