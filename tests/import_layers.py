@@ -1,5 +1,5 @@
 """Reading a module's visual_rft imports with ast, for the tests that keep a package's imports one
-way (test_data_layers.py for data/, test_models.py for models/)."""
+way (test_data_layers.py for data/, test_report_layers.py for report/, test_models.py for models/)."""
 
 from __future__ import annotations
 
