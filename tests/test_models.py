@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 import visual_rft.models as models_package
+from visual_rft.cli import main as cli_main
 from visual_rft.models import loading
 from visual_rft.models.families import processor_class_for
 from visual_rft.models.loading import (
@@ -163,7 +164,7 @@ def test_resolve_dtype():
         resolve_dtype("float64", "cpu")
 
 
-def test_bad_paths_give_clear_errors(tmp_path, monkeypatch):
+def test_bad_paths_give_clear_errors(tmp_path, monkeypatch, capsys):
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         load_model_and_processor(missing)
@@ -182,8 +183,13 @@ def test_bad_paths_give_clear_errors(tmp_path, monkeypatch):
 
     # A hub id is passed through to transformers; offline, the error names the id and the way out.
     monkeypatch.setattr(loading.AutoConfig, "from_pretrained", offline)
-    with pytest.raises(OSError, match=r"Qwen/Qwen2-VL-2B-Instruct.*local directory"):
+    with pytest.raises(FileNotFoundError, match=r"Qwen/Qwen2-VL-2B-Instruct.*local directory"):
         load_model_and_processor("Qwen/Qwen2-VL-2B-Instruct")
+    # ... and the command line says so in one line with exit 2 (it printed a traceback)
+    image = tmp_path / "digit.png"
+    Image.new("RGB", (28, 28)).save(image)
+    assert cli_main(["predict", "Qwen/Qwen2-VL-2B-Instruct", str(image)]) == 2
+    assert "Qwen/Qwen2-VL-2B-Instruct" in capsys.readouterr().err
 
 
 def test_freeze_vision(tiny_dir):

@@ -74,7 +74,8 @@ def load_model_config(name_or_path: str):
     except OSError as err:
         if is_local:
             raise
-        raise OSError(
+        # FileNotFoundError (an OSError): the command line reports it as a usage error, not a traceback
+        raise FileNotFoundError(
             f"could not load {name_or_path!r} from the Hugging Face Hub ({err}). Without network access, "
             "download the checkpoint elsewhere and pass its local directory."
         ) from err
