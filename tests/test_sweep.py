@@ -110,6 +110,22 @@ def test_a_changed_setting_refuses_to_mix_into_an_existing_sweep(tmp_path, fake_
     assert "sweep.images_seen" in capsys.readouterr().err
 
 
+def test_a_different_base_refuses_to_mix_into_an_existing_sweep(tmp_path, fake_training, capsys):
+    """Same settings, other weights (e.g. a warm-up rebuilt at another thread count): refused."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights one")
+    out, args = tmp_path / "sweep", ("sweep.learning_rates=[1.0e-3]", "sweep.seeds=[0]")
+    assert main(["sweep", "--out", str(out), "configs/sweep_digits.yaml", "sweep.base=model",
+                 f"model.name_or_path={base}", *TINY, *args]) == 0
+    trained = len(fake_training["train"])
+    (base / "model.safetensors").write_bytes(b"weights two")
+    assert main(["sweep", "--out", str(out), "configs/sweep_digits.yaml", "sweep.base=model",
+                 f"model.name_or_path={base}", *TINY, *args, "sweep.seeds=[0,1]"]) == 2
+    assert "started from a base with weights" in capsys.readouterr().err
+    assert len(fake_training["train"]) == trained  # nothing of seed 1 trained on the other base
+
+
 @pytest.mark.parametrize("override, message", [
     ("sweep.images_seen=12", "multiple of sweep.images_per_step"),
     ("sweep.ks=[0,2]", "sweep.ks"),

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from visual_rft.config import Config, ConfigError, load_config, to_dict
 from visual_rft.data.fewshot import sample_k_shot, split_records
 from visual_rft.data.record import Record
@@ -90,8 +92,9 @@ def base_model(cfg: Config, warmup: list[Record], log: Any = print) -> Path:
     """The base every run starts from; a warm-up base is trained once per setting and cached."""
     if cfg.sweep.base == "model":
         return Path(cfg.model.name_or_path)
+    # the thread count too: CPU float reductions, and so the warm-up's weights, change with it
     decided_by = {"demo": to_dict(cfg.demo), "image_size": cfg.data.image_size, "task": to_dict(cfg.task),
-                  "sft": to_dict(cfg.sft), "model": to_dict(cfg.model)}
+                  "sft": to_dict(cfg.sft), "model": to_dict(cfg.model), "threads": torch.get_num_threads()}
     digest = hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:12]
     home = Path(cfg.sweep.base_cache) / digest
     marker = home / "base.json"
@@ -110,6 +113,34 @@ def base_model(cfg: Config, warmup: list[Record], log: Any = print) -> Path:
     marker.write_text(json.dumps({"model": str(model.relative_to(home)), "decided_by": decided_by}, indent=2,
                                  default=str))
     return model
+
+
+def base_fingerprint(base: Path) -> str:
+    """sha256 of the base's weight files (a hub id, which has no local files, stands for itself)."""
+    if not base.is_dir():
+        return f"id:{base}"
+    digest = hashlib.sha256()
+    for weights in sorted(base.glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_base(out: Path, base: Path) -> None:
+    """Refuse to add runs to a sweep whose finished runs started from other weights: a warm-up base
+    rebuilt at another thread count or library version is another model, and mixing them would
+    make one table of two experiments."""
+    saved = out / "base.json"
+    now = {"fingerprint": base_fingerprint(base), "path": str(base), "threads": torch.get_num_threads()}
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        if before["fingerprint"] != now["fingerprint"]:
+            raise ConfigError(
+                f"{out}: its finished runs started from a base with weights {before['fingerprint']} "
+                f"({before['path']}, {before['threads']} threads); this base is {now['fingerprint']} "
+                f"({now['path']}, {now['threads']} threads). Resume with the same base (a warm-up base "
+                "changes with OMP_NUM_THREADS and library versions) or use another --out")
+        return
+    saved.write_text(json.dumps(now, indent=2))
 
 
 @dataclass
@@ -274,6 +305,7 @@ def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None 
     splits = target_splits(cfg)
     sweep = Sweep(cfg, out, splits, Path("."), done)
     sweep.base = base_model(cfg, splits["warmup"])
+    check_base(out, sweep.base)
     searched = all(j.key in done for j in plan(cfg, None) if j.phase == "search")
     planned = plan(cfg, best_rates(cfg, done) if searched else None)
     total, finished = len(planned), sum(job.key in done for job in planned)
