@@ -23,8 +23,7 @@ def predict(model: Any, processor: Any, records: list[Record], cfg: Config, devi
             progress: bool = True, on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """One completion per record, scored by every reward of the task and parsed by its parser;
     `on_rows` receives each batch's rows as soon as they exist (eval writes them as it goes)."""
-    module = task_module(cfg.task.name)
-    rewards = resolve_rewards(cfg.task.name, list(module.REWARDS), cfg.task.mode)
+    rewards = resolve_rewards(cfg.task.name, list(task_module(cfg.task.name).REWARDS), cfg.task.mode)
     suppress = vision_token_ids(processor, getattr(model, "config", None))
     rows: list[dict[str, Any]] = []
     model.eval()
@@ -37,7 +36,7 @@ def predict(model: Any, processor: Any, records: list[Record], cfg: Config, devi
         scores = rewards.score(texts, columns_of(batch))
         done = len(rows)
         for i, (record, text) in enumerate(zip(batch, texts)):
-            parsed = module.parse_answer(text, mode=cfg.task.mode, **record.columns())
+            parsed = rewards.parse(text, **record.columns())  # the parser the rewards' mode binds
             rows.append({"source": record.source, "solution": record.solution, "completion": text,
                          "prediction": _jsonable(parsed), "parse_failed": parsed is None,
                          "label": record.fields.get("label"), "completion_tokens": int(mask[i].sum()),

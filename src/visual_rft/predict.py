@@ -20,7 +20,7 @@ from visual_rft.data.record import Record, columns_of
 from visual_rft.model_source import load_source, resolve_model_source, source_config
 from visual_rft.models.loading import vision_token_ids
 from visual_rft.report.images import PALETTE, Boxes, draw_image
-from visual_rft.rewards import resolve_rewards, task_module
+from visual_rft.rewards import resolve_rewards, task_module, task_parser
 from visual_rft.rl.advantages import group_advantages
 from visual_rft.rl.fast import generate_grouped
 from visual_rft.runtime import make_accelerator, prompt_batch, record_image, resolve_box_space
@@ -144,8 +144,8 @@ def predict_image(spec: str, image: str, *, question: str | None = None, task: s
         _, mask, texts = generate_grouped(model, processor.tokenizer, inputs, samples, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
                                           suppress_ids=vision_token_ids(processor, getattr(model, "config", None)))
-    parse = task_module(cfg.task.name).parse_answer
-    answers = [parse(text, mode=cfg.task.mode, **record.columns()) for text in texts]
+    parse = task_parser(cfg.task.name, cfg.task.mode)
+    answers = [parse(text, **record.columns()) for text in texts]
     rows = [{"completion": text, "answer": answer, "parsed": answer is not None, "tokens": int(mask[i].sum())}
             for i, (text, answer) in enumerate(zip(texts, answers))]
     if solution:

@@ -82,11 +82,19 @@ class RewardSet:
 
     def score(self, completions: list[str], columns: dict[str, list]) -> dict[str, list[float]]:
         """Score every component; None (not applicable) and non-finite values count as 0."""
-        return self.score_all(completions, columns).components
+        return self._components(completions, columns)[0]
 
     def score_all(self, completions: list[str], columns: dict[str, list]) -> Scores:
         """Every component's scores, which completions any reward applied to, and which ones the
         task's parser could not parse (each row's columns passed to it as to the rewards)."""
+        components, applicable = self._components(completions, columns)
+        rows = ({key: values[i] for key, values in columns.items()} for i in range(len(completions)))
+        parse_failed = [self.parse(text, **row) is None for text, row in zip(completions, rows)]
+        return Scores(components, applicable, parse_failed)
+
+    def _components(self, completions: list[str],
+                    columns: dict[str, list]) -> tuple[dict[str, list[float]], list[bool]]:
+        """Each component's scores, and for each completion whether any reward returned a value."""
         components, applicable = {}, [False] * len(completions)
         for name, fn in zip(self.names, self.functions):
             values = fn(completions, **columns)
@@ -94,9 +102,7 @@ class RewardSet:
                 raise ValueError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
             components[name] = [float(v) if v is not None and math.isfinite(v) else 0.0 for v in values]
             applicable = [seen or v is not None for seen, v in zip(applicable, values)]
-        rows = ({key: values[i] for key, values in columns.items()} for i in range(len(completions)))
-        parse_failed = [self.parse(text, **row) is None for text, row in zip(completions, rows)]
-        return Scores(components, applicable, parse_failed)
+        return components, applicable
 
     def total(self, scores: dict[str, list[float]]) -> list[float]:
         n = len(next(iter(scores.values())))
