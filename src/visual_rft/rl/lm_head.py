@@ -40,31 +40,38 @@ def _head_rows(vocab: int, chunk_rows: int | None) -> int:
 
 
 class _HeadLogprob(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[target] without ever holding logits for more than one chunk of rows.
+    """log softmax(hidden @ weight.T / T)[target] without ever holding logits for more than one chunk of rows.
 
     Forward keeps only the per-row logsumexp; backward recomputes each chunk's logits (one extra
     matmul) instead of storing [rows, vocab] activations, the same trade TRL's chunked head makes.
     With a `grad_hint` (the predicted dLoss/dlogp) the forward also computes the gradients while
     each chunk's logits are at hand, saving the recompute; backward uses them only if the gradient
     that actually arrives is a multiple of the prediction, and recomputes otherwise.
+
+    Precision: the temperature divides the fp32 logits (as generation's sampler does), not the
+    hidden states, which in bf16 would move log-probs by up to 0.03 nats at T=0.7; the head's
+    gradient accumulates over chunks in an fp32 buffer, built only when the head trains.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, grad_hint):  # noqa: D102
+    def forward(ctx, hidden, weight, targets, chunk_rows, grad_hint, temperature):  # noqa: D102
         out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
-        spec = (torch.empty_like(out), torch.empty_like(hidden), torch.zeros_like(weight)) if grad_hint else None
+        spec = None
+        if grad_hint:
+            spec = (torch.empty_like(out), torch.empty_like(hidden) if ctx.needs_input_grad[0] else None,
+                    _weight_grad_buffer(weight) if ctx.needs_input_grad[1] else None)
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (hidden[rows] @ weight.T).float()
+            logits = _tempered_logits(hidden[rows], weight, temperature)
             lse[rows] = torch.logsumexp(logits, dim=-1)
             out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
             if spec is not None:
                 spec[0][rows] = grad_hint(out[rows], rows)
-                _chunk_grads(logits, lse[rows], targets[rows], spec[0][rows], hidden[rows], weight,
-                             spec[1][rows], spec[2])
+                _chunk_grads(logits, lse[rows], targets[rows], spec[0][rows] / temperature, hidden[rows], weight,
+                             None if spec[1] is None else spec[1][rows], spec[2])
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_rows, ctx.spec = chunk_rows, spec
+        ctx.chunk_rows, ctx.spec, ctx.temperature = chunk_rows, spec, temperature
         return out
 
     @staticmethod
@@ -74,28 +81,50 @@ class _HeadLogprob(torch.autograd.Function):
         if scale is not None:
             _, grad_hidden, grad_weight = ctx.spec
             ctx.spec = None
-            return grad_hidden.mul_(scale), grad_weight.mul_(scale), None, None, None
+            return (_scaled(grad_hidden, scale, hidden.dtype), _scaled(grad_weight, scale, weight.dtype),
+                    None, None, None, None)
         ctx.spec = None
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = _weight_grad_buffer(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            logits = (hidden[rows] @ weight.T).float()
-            _chunk_grads(logits, lse[rows], targets[rows], grad_out[rows].float(), hidden[rows], weight,
-                         None if grad_hidden is None else grad_hidden[rows], grad_weight)
-        return grad_hidden, grad_weight, None, None, None
+            logits = _tempered_logits(hidden[rows], weight, ctx.temperature)
+            _chunk_grads(logits, lse[rows], targets[rows], grad_out[rows].float() / ctx.temperature, hidden[rows],
+                         weight, None if grad_hidden is None else grad_hidden[rows], grad_weight)
+        return grad_hidden, _scaled(grad_weight, 1.0, weight.dtype), None, None, None, None
+
+
+def _tempered_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One chunk's fp32 logits divided by the temperature: the product in the model's dtype, as the
+    model's own head computes it, then the division in fp32, as generation's sampler does it."""
+    logits = (hidden @ weight.T).float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """The head gradient's accumulator over chunks: fp32 whatever the weight's dtype (a bf16 buffer
+    would round every chunk's contribution into a sum that is far larger than it)."""
+    return torch.zeros_like(weight, dtype=torch.float32)
+
+
+def _scaled(grad: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor | None:
+    if grad is None:
+        return None
+    if scale != 1.0:
+        grad = grad.mul_(scale)
+    return grad.to(dtype)
 
 
 def _chunk_grads(logits, lse, targets, g, hidden, weight, grad_hidden, grad_weight) -> None:
-    """Add one chunk's gradients, given dLoss/dlogp `g`; overwrites `logits` (no second buffer)."""
+    """Add one chunk's gradients, given dLoss/dlogits' scale `g` (dLoss/dlogp over the temperature);
+    overwrites `logits` (no second buffer). grad_weight is an fp32 accumulator."""
     # d logp[t] / d logits = onehot(t) - softmax(logits)
     grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
     grad_logits.scatter_add_(1, targets[:, None], g[:, None])
-    grad_logits = grad_logits.to(weight.dtype)
-    if grad_hidden is not None:
-        torch.mm(grad_logits, weight, out=grad_hidden)
     if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.T, hidden)
+        grad_weight.addmm_(grad_logits.T, hidden.float())
+    if grad_hidden is not None:
+        torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden)
 
 
 def _hint_scale(predicted: torch.Tensor, actual: torch.Tensor) -> float | None:
@@ -114,16 +143,15 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   chunk_rows: int | None = None, grad_hint=None) -> torch.Tensor:
     """log p(target) [B, T] (fp32) from final hidden states [B, T, H] and the LM head weight [V, H].
 
-    Equals token_logprobs(hidden @ weight.T, targets, temperature=temperature) (dividing the hidden
-    states by the temperature divides the logits by it, gradients included), but the [B, T, V] logits never exist: peak
+    Equals token_logprobs(hidden @ weight.T, targets, temperature=temperature) (the fp32 logits
+    divided by the temperature, gradients included), but the [B, T, V] logits never exist: peak
     memory is one chunk of rows (HEAD_CHUNK_BYTES), in the forward and in the backward.
     `grad_hint(logp_rows, rows) -> dLoss/dlogp_rows` (flat row indices) lets the forward compute the
     gradients too (see _HeadLogprob); results are the same with or without it.
     """
     flat = hidden.reshape(-1, hidden.size(-1))
-    if temperature != 1.0:
-        flat = flat / temperature
     rows = _head_rows(weight.size(0), chunk_rows)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         grad_hint = None
-    return _HeadLogprob.apply(flat, weight, targets.reshape(-1), rows, grad_hint).view(targets.shape)
+    return _HeadLogprob.apply(flat, weight, targets.reshape(-1), rows, grad_hint,
+                              float(temperature)).view(targets.shape)
