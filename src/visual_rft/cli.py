@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from visual_rft import __version__
 from visual_rft.config import ConfigError, load_config
 from visual_rft.tasks import CLASS_KEY
 
@@ -25,6 +26,7 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visual-rft", description="Visual reinforcement fine-tuning (GRPO).")
+    parser.add_argument("--version", action="version", version=f"visual-rft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="GRPO fine-tuning with verifiable rewards")
