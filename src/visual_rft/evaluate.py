@@ -95,9 +95,9 @@ def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Confi
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        with open(out / "predictions.jsonl", "w") as fh:
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
             def write(batch: list[dict[str, Any]]) -> None:
-                fh.writelines(json.dumps(r) + "\n" for r in batch)
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
                 fh.flush()
 
             rows = predict(model, processor, records, cfg, device, progress, on_rows=write)

@@ -122,12 +122,12 @@ class RunLog:
             path = self.dir / name
             if self.enabled and path.is_file():
                 rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.dir / name, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            with open(self.dir / name, "a", encoding="utf-8") as fh:  # completions and labels stay readable text
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def metrics(self, step: int, values: dict[str, Any], name: str = "metrics.jsonl") -> None:
         self._append(name, {"step": step, **values})
@@ -180,5 +180,5 @@ def log_table(tracker: Any, step: int, columns: list[str], data: list[list[Any]]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
