@@ -51,6 +51,13 @@ def uninterrupted(tiny_model_dir, digits_jsonl, tmp_path_factory):
     return latest_checkpoint(out)
 
 
+def test_every_checkpoint_file_has_the_mode_of_its_config(uninterrupted):
+    """The weights writer made model.safetensors 0600 while the rest was 0644 (issue 18, item 7)."""
+    modes = {str(p.relative_to(uninterrupted)): oct(p.stat().st_mode & 0o777)
+             for p in uninterrupted.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct((uninterrupted / "config.yaml").stat().st_mode & 0o777)}, modes
+
+
 def test_sigkill_during_a_checkpoint_write_then_resume_is_bitwise_identical(uninterrupted, tiny_model_dir,
                                                                            digits_jsonl, tmp_path):
     out = tmp_path / "run"

@@ -101,12 +101,23 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     save_config(cfg, tmp / "config.yaml")
     _fault_point("checkpoint", step)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+    _modes_from_umask(tmp)
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune_checkpoints(out_dir, keep)
     return final
+
+
+def _modes_from_umask(root: Path) -> None:
+    """Give every file the mode a plain open() would (0644 under the usual umask): the weights
+    writer creates model.safetensors 0600, so the rest of a team could read everything but the weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
