@@ -121,10 +121,15 @@ def _chunk_grads(logits, lse, targets, g, hidden, weight, grad_hidden, grad_weig
     # d logp[t] / d logits = onehot(t) - softmax(logits)
     grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
     grad_logits.scatter_add_(1, targets[:, None], g[:, None])
-    if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.T, hidden.float())
+    grad_logits = grad_logits.to(weight.dtype)
     if grad_hidden is not None:
-        torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden)
+        torch.mm(grad_logits, weight, out=grad_hidden)
+    if grad_weight is None:
+        return
+    if grad_weight.dtype == grad_logits.dtype:
+        grad_weight.addmm_(grad_logits.T, hidden)
+    else:  # the product in the model's dtype (bf16 tensor cores), the sum over chunks in fp32
+        grad_weight.add_(grad_logits.T @ hidden)
 
 
 def _hint_scale(predicted: torch.Tensor, actual: torch.Tensor) -> float | None:
