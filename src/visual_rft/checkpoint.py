@@ -101,7 +101,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     save_config(cfg, tmp / "config.yaml")
     _fault_point("checkpoint", step)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-    _modes_from_umask(tmp)
+    _modes_like(tmp, tmp / "config.yaml")
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -110,14 +110,15 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     return final
 
 
-def _modes_from_umask(root: Path) -> None:
-    """Give every file the mode a plain open() would (0644 under the usual umask): the weights
-    writer creates model.safetensors 0600, so the rest of a team could read everything but the weights."""
-    umask = os.umask(0)
-    os.umask(umask)
+def _modes_like(root: Path, template: Path) -> None:
+    """Give every file under `root` the mode of `template`, a file a plain open() wrote (0644 under
+    the usual umask): the weights writer creates model.safetensors 0600, so the rest of a team could
+    read everything but the weights. Read off a file rather than os.umask(), which would set the
+    umask to 0 for every thread of the process while it is read."""
+    mode = template.stat().st_mode & 0o777
     for path in root.rglob("*"):
         if path.is_file():
-            path.chmod(0o666 & ~umask)
+            path.chmod(mode)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
