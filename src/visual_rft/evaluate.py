@@ -16,6 +16,7 @@ from visual_rft.data.record import Record, columns_of
 from visual_rft.models.loading import vision_token_ids
 from visual_rft.rewards import resolve_rewards, task_module
 from visual_rft.rl.rollout import generate
+from visual_rft.runlog import json_line
 from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
 
 
@@ -97,7 +98,7 @@ def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Confi
         save_config(cfg, out / "config.yaml")
         with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
             def write(batch: list[dict[str, Any]]) -> None:
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+                fh.writelines(json_line(r) for r in batch)
                 fh.flush()
 
             rows = predict(model, processor, records, cfg, device, progress, on_rows=write)

@@ -122,12 +122,12 @@ class RunLog:
             path = self.dir / name
             if self.enabled and path.is_file():
                 rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+                path.write_text("".join(json_line(r) for r in rows), encoding="utf-8")
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.dir / name, "a", encoding="utf-8") as fh:  # completions and labels stay readable text
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            with open(self.dir / name, "a", encoding="utf-8") as fh:
+                fh.write(json_line(row))
 
     def metrics(self, step: int, values: dict[str, Any], name: str = "metrics.jsonl") -> None:
         self._append(name, {"step": step, **values})
@@ -177,6 +177,12 @@ def log_table(tracker: Any, step: int, columns: list[str], data: list[list[Any]]
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in data]
         tracker.writer.add_text("rollouts", "\n".join(lines), global_step=step)
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One JSONL line as every output writes it: non-ASCII text (completions, labels such as 玫瑰)
+    stays text, not \\uXXXX escapes, so grep finds it; files are opened as UTF-8 to match."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

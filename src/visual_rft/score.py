@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from visual_rft.data.rows import jsonl_rows
 from visual_rft.rewards import resolve_rewards, task_module
+from visual_rft.runlog import json_line
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -40,7 +40,7 @@ def score_file(src: str | Path, dst: str | Path, task: str, mode: str) -> dict[s
     """Score `src` into `dst`; returns the mean of each component."""
     scored = score_rows(read_rows(src), task, mode)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    with open(dst, "w", encoding="utf-8") as fh:  # labels such as 玫瑰 stay greppable, not \uXXXX
-        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
+    with open(dst, "w", encoding="utf-8") as fh:
+        fh.writelines(json_line(row) for row in scored)
     names = list(task_module(task).REWARDS)
     return {name: sum(r[name] for r in scored) / len(scored) for name in names}
