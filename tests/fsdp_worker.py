@@ -18,7 +18,7 @@ from visual_rft.data.embedded import mnist_records
 from visual_rft.models.loading import build_model_inputs, vision_token_ids
 from visual_rft.rl.fast import generate_grouped, rollout_logprobs
 from visual_rft.rl.rollout import Rollout, lm_head_weight, repeat_inputs
-from visual_rft.sharding import full_weights_for_generation
+from visual_rft.engine import full_weights_for_generation
 from visual_rft.models.tiny import make_tiny_model
 
 

@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from visual_rft.rl.rollout import lm_head_weight
-from visual_rft.sharding import full_weights_for_generation, is_sharded
+from visual_rft.engine import full_weights_for_generation, is_sharded
 
 
 class FakeAccelerator:

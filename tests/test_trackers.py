@@ -10,7 +10,7 @@ from visual_rft.cli import main
 from visual_rft.config import ConfigError, OutputConfig, load_config
 from visual_rft.rl.trainer import train_grpo
 from visual_rft.runlog import RunLog, read_jsonl, tracker_names
-from visual_rft.runtime import make_accelerator
+from visual_rft.engine import make_accelerator
 
 ROWS = [{"reward/total_mean": 0.25, "loss": -0.5, "lr": 3e-4, "parse_failure_rate": 1.0, "skipped_steps_total": 0},
         {"reward/total_mean": 0.75, "loss": 0.125, "lr": 1.5e-4, "parse_failure_rate": 0.5, "skipped_steps_total": 1}]

@@ -1,7 +1,8 @@
 """Checkpoints written atomically: a checkpoint directory either exists complete or not at all.
 
 Layout of `checkpoint-N/`: `model/` (save_pretrained safetensors + processor, loadable like any
-checkpoint), `optimizer.pt`, `scheduler.pt`, `rng.pt`, `config.yaml`, `trainer_state.json`.
+checkpoint), `optimizer.pt` (or, under DeepSpeed, `deepspeed/`: its sharded optimiser state, one file
+per rank, written by engine.Engine.save), `scheduler.pt`, `rng.pt`, `config.yaml`, `trainer_state.json`.
 State files are read back with `weights_only=True`, so a checkpoint cannot execute code.
 """
 
@@ -81,21 +82,31 @@ def _library_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def start_checkpoint(out_dir: str | Path, step: int, *, create: bool = True) -> Path:
+    """The staging folder of checkpoint-`step` (emptied and made when `create`): other writers, such as
+    DeepSpeed's ranks, put their part there before `save_checkpoint(..., staged=True)` completes it."""
+    tmp = Path(out_dir) / f".tmp-checkpoint-{step}"
+    if create:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: Any, optimizer: Any,
                     scheduler: Any, cfg: Config, extra: dict[str, Any] | None = None,
-                    keep: int = 2) -> Path:
-    """Write checkpoint-`step` via a temporary directory and an atomic rename; prune old ones."""
+                    keep: int = 2, staged: bool = False) -> Path:
+    """Write checkpoint-`step` via a temporary directory and an atomic rename; prune old ones.
+    `optimizer` None: its state is already in the staging folder (`staged`, see start_checkpoint)."""
     import torch
 
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
-    tmp = out_dir / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = start_checkpoint(out_dir, step, create=not staged)
     with _library_bars_off():
         model.save_pretrained(tmp / "model", safe_serialization=True)
         processor.save_pretrained(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     save_config(cfg, tmp / "config.yaml")
@@ -148,7 +159,8 @@ def load_training_state(ckpt: str | Path, *, optimizer: Any, scheduler: Any) -> 
     import torch
 
     ckpt = Path(ckpt)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if optimizer is not None:  # None: restored by its engine (DeepSpeed's sharded state)
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
     return json.loads((ckpt / "trainer_state.json").read_text())

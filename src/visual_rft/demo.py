@@ -29,7 +29,8 @@ from visual_rft.report.plots import moving_average
 from visual_rft.rewards import resolve_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl
-from visual_rft.runtime import load_policy, load_split, make_accelerator
+from visual_rft.engine import make_accelerator
+from visual_rft.runtime import load_policy, load_split
 from visual_rft.sft import sft_target, train_sft
 from visual_rft.tasks import CLASS_KEY
 from visual_rft.tasks.prompts import build_prompt

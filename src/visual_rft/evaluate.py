@@ -17,7 +17,8 @@ from visual_rft.models.loading import vision_token_ids
 from visual_rft.rewards import resolve_rewards, task_module
 from visual_rft.rl.rollout import generate
 from visual_rft.runlog import json_line
-from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
+from visual_rft.engine import make_accelerator
+from visual_rft.runtime import load_policy, load_split, prompt_batch
 
 
 def predict(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
@@ -145,7 +146,7 @@ class TrainingEval:
         """The eval/* metrics to merge into the step's row ({} when not due or logged here)."""
         if not self.due(step, total):
             return {}
-        from visual_rft.sharding import full_weights_for_generation
+        from visual_rft.engine import full_weights_for_generation
 
         devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), full_weights_for_generation(accelerator, model) as policy:

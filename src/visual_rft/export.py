@@ -21,7 +21,7 @@ import yaml
 from visual_rft.config import Config, save_config, to_dict
 from visual_rft.model_source import CONFIG_NAME, ModelSource, load_source, resolve_model_source, source_config
 from visual_rft.runlog import read_jsonl
-from visual_rft.runtime import make_accelerator
+from visual_rft.engine import make_accelerator
 
 _GRPO_KEYS = ("num_generations", "per_device_batch_size", "grad_accum_steps", "learning_rate", "beta", "epsilon",
               "temperature", "max_completion_length", "loss_type", "seed")

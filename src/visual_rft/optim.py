@@ -20,13 +20,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the parameters that require grad; with fp32 master weights where they are bf16/fp16."""
+def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig, *,
+                   master_weights: bool = True) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad; with fp32 master weights where they are bf16/fp16
+    (unless the engine keeps its own masters: `master_weights=False`, DeepSpeed)."""
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (all frozen?)")
     kwargs = dict(lr=optim.learning_rate, weight_decay=optim.weight_decay, betas=(optim.adam_beta1, optim.adam_beta2))
-    if any(p.dtype in LOW_PRECISION for p in trainable):
+    if master_weights and any(p.dtype in LOW_PRECISION for p in trainable):
         return MasterWeightAdamW(trainable, **kwargs)
     return torch.optim.AdamW(trainable, **kwargs)
 

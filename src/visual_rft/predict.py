@@ -23,7 +23,8 @@ from visual_rft.report.images import PALETTE, Boxes, draw_image
 from visual_rft.rewards import resolve_rewards, task_module, task_parser
 from visual_rft.rl.advantages import group_advantages
 from visual_rft.rl.fast import generate_grouped
-from visual_rft.runtime import make_accelerator, prompt_batch, record_image, resolve_box_space
+from visual_rft.engine import make_accelerator
+from visual_rft.runtime import prompt_batch, record_image, resolve_box_space
 from visual_rft.tasks.boxes import BoxSpace
 from visual_rft.tasks.prompts import build_prompt
 

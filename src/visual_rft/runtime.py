@@ -1,4 +1,4 @@
-"""What every command sets up the same way: devices, records, the policy and its processor."""
+"""What every command sets up the same way: records, the policy and its processor (devices and engines: engine.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from PIL import Image
 
 from visual_rft.config import Config, ConfigError
@@ -16,19 +14,7 @@ from visual_rft.data.record import Record
 from visual_rft.data.sources import load_records
 from visual_rft.models.families import default_box_space
 from visual_rft.models.loading import build_model_inputs, load_model_and_processor, load_model_config
-from visual_rft.runlog import tracker_names
 from visual_rft.tasks.prompts import build_prompt
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """CPU unless a GPU is there and wanted; under torchrun this also sets up DDP (gloo / NCCL)."""
-    want_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
-    trackers = tracker_names(cfg.output)  # started by RunLog (init_trackers), only by the runs that log
-    kwargs = {}
-    if trackers:  # TensorBoard events go to output.dir/tensorboard/<output.project>
-        project = ProjectConfiguration(project_dir=cfg.output.dir, logging_dir=str(Path(cfg.output.dir) / "tensorboard"))
-        kwargs = {"log_with": trackers, "project_config": project}
-    return Accelerator(cpu=want_cpu, **kwargs)
 
 
 def load_split(cfg: Config, which: str = "train") -> list[Record]:
@@ -89,8 +75,10 @@ def check_data(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def load_policy(cfg: Config, device: torch.device, path: str | Path | None = None) -> tuple[Any, Any]:
-    """The policy and processor from `path` (default: model.name_or_path), placed and configured.
+def load_policy(cfg: Config, device: torch.device, path: str | Path | None = None,
+                dtype: str | None = None) -> tuple[Any, Any]:
+    """The policy and processor from `path` (default: model.name_or_path), placed and configured, in
+    `dtype` (default: model.dtype; the training engine may decide otherwise: engine.Engine.load_dtype).
 
     A LoRA checkpoint (`path` holds adapter_config.json, no weights of its own) is model.name_or_path
     (its base: weights and processor) with the saved adapters on top, trainable."""
@@ -100,7 +88,7 @@ def load_policy(cfg: Config, device: torch.device, path: str | Path | None = Non
         lora = {"r": m.lora.r, "alpha": m.lora.alpha, "dropout": m.lora.dropout, "target_modules": m.lora.target_modules}
     adapters = path is not None and (Path(path) / "adapter_config.json").is_file()
     model, processor = load_model_and_processor(
-        m.name_or_path if adapters else str(path or m.name_or_path), dtype=m.dtype, device=str(device),
+        m.name_or_path if adapters else str(path or m.name_or_path), dtype=dtype or m.dtype, device=str(device),
         attn_implementation=m.attn_implementation, freeze_vision=m.freeze_vision, lora=None if adapters else lora,
         gradient_checkpointing=m.gradient_checkpointing,
     )

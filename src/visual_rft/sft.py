@@ -4,7 +4,6 @@ checkpoint layout and scoring forward (completion_logprobs), so the two differ o
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -12,16 +11,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from visual_rft.checkpoint import save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record
 from visual_rft.evaluate import TrainingEval
-from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
-                              step_indices, total_steps)
+from visual_rft.engine import Engine
+from visual_rft.optim import NonFiniteGuard, make_scheduler, seed_everything, shard, step_indices, total_steps
 from visual_rft.rl.loss import masked_mean
 from visual_rft.rl.rollout import completion_logprobs
 from visual_rft.runlog import PhaseTimer, RunLog
-from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
+from visual_rft.runtime import load_policy, load_split, prompt_batch
 
 _ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
 
@@ -61,15 +59,16 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     s = cfg.sft
     evaluator = TrainingEval.from_config(cfg) if records is None else None
     records = records if records is not None else load_split(cfg, "train")
-    accelerator = make_accelerator(cfg)
+    engine = Engine(cfg, "sft", micro_batch=s.batch_size, grad_accum=s.grad_accum_steps, max_grad_norm=s.optim.max_grad_norm)
+    accelerator = engine.accelerator
     seed_everything(s.seed)
-    model, processor = load_policy(cfg, accelerator.device)
+    model, processor = load_policy(cfg, accelerator.device, dtype=engine.load_dtype(cfg.model.dtype))
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = s.batch_size * s.grad_accum_steps * world
     steps = total_steps(len(records), per_step, s.num_epochs, s.max_steps)
-    optimizer = make_optimizer(model.parameters(), s.optim)
+    optimizer = engine.optimizer(model, s.optim)
     scheduler = make_scheduler(optimizer, s.optim, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = engine.prepare(model, optimizer)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -83,23 +82,18 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
         micro = shard(indices, s.batch_size, rank, world)
         with timer.phase("update"):
             for m, chunk in enumerate(micro):
-                sync = m == len(micro) - 1  # DDP all-reduces gradients once per step, on the last micro-batch
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with engine.micro_batch(model, last=m == len(micro) - 1):  # gradients reduced once per step
                     loss = sft_loss(model, processor, [records[i] for i in chunk], cfg, accelerator.device)
-                    accelerator.backward(loss / len(micro))
+                    engine.backward(model, loss / len(micro))
                 losses.append(loss.item())
-            grad_norm, stepped = clip_and_step(model, optimizer, scheduler, s.optim.max_grad_norm,
-                                               accelerator.clip_grad_norm_)
+            grad_norm, stepped = engine.step(model, optimizer, scheduler)
         guard.record(step + 1, stepped)
         evaluated = evaluator.maybe_run(step + 1, steps, accelerator, model, processor, log) if evaluator else {}
         if (step + 1) % max(cfg.output.log_steps, 1) == 0 or step + 1 == steps:
             log.metrics(step + 1, {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
                                    "lr": scheduler.get_last_lr()[0],
                                    "skipped_steps_total": guard.total, **timer.pop(), **evaluated})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(out, steps, model=accelerator.unwrap_model(model), processor=processor, optimizer=optimizer,
-                        scheduler=scheduler, cfg=cfg, keep=cfg.output.save_total_limit, extra={"total_steps": steps})
-    accelerator.wait_for_everyone()
+    engine.save(model, out, steps, processor=processor, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                keep=cfg.output.save_total_limit, extra={"total_steps": steps})
     log.close()
     return out

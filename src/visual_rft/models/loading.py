@@ -103,19 +103,6 @@ def load_processor(name_or_path: str, config=None) -> ProcessorMixin:
     return processor
 
 
-def unwrap_model(model: Any) -> Any:
-    """The transformers model under DDP / torch.compile / PEFT wrappers (for its config and weights)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def find_vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     """The vision encoder, found by the attribute names transformers' VLMs use."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from visual_rft.models.families import fast_paths
-from visual_rft.models.loading import unwrap_model
+from visual_rft.engine import unwrap_model
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
                                    lm_head_weight, repeat_cache, repeat_inputs)

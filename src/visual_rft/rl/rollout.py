@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from visual_rft.data.record import Record
-from visual_rft.models.loading import unwrap_model
 from visual_rft.rl.lm_head import head_logprobs, token_logprobs
-from visual_rft.sharding import is_sharded, under_fsdp
+from visual_rft.engine import is_sharded, under_fsdp, unwrap_model
 
 
 @dataclass

@@ -3,7 +3,6 @@ rollout -> reward -> advantage -> reference -> old_policy -> update -> log/check
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -12,13 +11,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from visual_rft.checkpoint import load_training_state, save_checkpoint
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
 from visual_rft.evaluate import TrainingEval
 from visual_rft.models.loading import load_reference_model, vision_token_ids
-from visual_rft.optim import (NonFiniteGuard, clip_and_step, make_optimizer, make_scheduler, seed_everything, shard,
-                              slot_seed, step_indices, total_steps)
+from visual_rft.engine import Engine
+from visual_rft.optim import NonFiniteGuard, make_scheduler, seed_everything, shard, slot_seed, step_indices, total_steps
 from visual_rft.preflight import find_resume_checkpoint
 from visual_rft.rewards import RewardSet, resolve_rewards
 from visual_rft.rl.advantages import group_advantages, group_reward_std, zero_variance_groups
@@ -27,8 +25,7 @@ from visual_rft.rl.fast import (default_sampler, generate_grouped, packing_block
 from visual_rft.rl.loss import Objective, loss_units, policy_loss, ratio_one_grad_hint
 from visual_rft.rl.rollout import Rollout, eos_token_ids, lm_head_weight, repeat_inputs
 from visual_rft.runlog import PhaseTimer, RunLog
-from visual_rft.runtime import load_policy, load_split, make_accelerator, prompt_batch
-from visual_rft.sharding import full_weights_for_generation
+from visual_rft.runtime import load_policy, load_split, prompt_batch
 
 
 class GRPOTrainer:
@@ -38,25 +35,28 @@ class GRPOTrainer:
 
     def __init__(self, cfg: Config, records: list[Record], rewards: RewardSet, *, resume: bool = False) -> None:
         self.cfg, self.g, self.records, self.rewards = cfg, cfg.grpo, records, rewards
-        self.accelerator = make_accelerator(cfg)
+        self.engine = Engine(cfg, "grpo", micro_batch=self.g.per_device_batch_size, grad_accum=self.g.grad_accum_steps,
+                             max_grad_norm=self.g.optim.max_grad_norm)
+        self.accelerator = self.engine.accelerator
         self.out = Path(cfg.output.dir)
         seed_everything(self.g.seed)
         ckpt = find_resume_checkpoint(self.out, required=True) if resume else None
-        self.model, self.processor = load_policy(cfg, self.accelerator.device, ckpt / "model" if ckpt else None)
+        dtype = self.engine.load_dtype(cfg.model.dtype)
+        self.model, self.processor = load_policy(cfg, self.accelerator.device, ckpt / "model" if ckpt else None, dtype)
         self.ref_model = None
         if self.g.beta > 0 and not cfg.model.lora.enabled:
-            self.ref_model = load_reference_model(cfg.model.name_or_path, dtype=cfg.model.dtype,
-                                                  device=str(self.accelerator.device))
+            self.ref_model = self.engine.prepare_reference(load_reference_model(
+                cfg.model.name_or_path, dtype=dtype, device=str(self.accelerator.device)))
         self.suppress = vision_token_ids(self.processor, self.model.config)
         per_step = self.g.per_device_batch_size * self.g.grad_accum_steps * self.accelerator.num_processes
         self.per_step, self.total = per_step, total_steps(len(records), per_step, self.g.num_epochs, self.g.max_steps)
-        optimizer = make_optimizer(self.model.parameters(), self.g.optim)
-        scheduler = make_scheduler(optimizer, self.g.optim, self.total)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
-        self.scheduler = scheduler
+        optimizer = self.engine.optimizer(self.model, self.g.optim)
+        self.scheduler = make_scheduler(optimizer, self.g.optim, self.total)
+        self.model, self.optimizer = self.engine.prepare(self.model, optimizer)
         self.start_step = 0
         if ckpt is not None:
-            self.start_step = load_training_state(ckpt, optimizer=self.optimizer, scheduler=self.scheduler)["step"]
+            self.start_step = self.engine.load_state(self.model, ckpt, optimizer=self.optimizer,
+                                                     scheduler=self.scheduler)["step"]
             if self.accelerator.is_main_process:
                 print(f"resuming from {ckpt} (step {self.start_step} of {self.total})")
         self.log = RunLog(self.out, enabled=self.accelerator.is_main_process, accelerator=self.accelerator, cfg=cfg)
@@ -70,7 +70,7 @@ class GRPOTrainer:
 
     @property
     def policy(self) -> Any:
-        return self.accelerator.unwrap_model(self.model)
+        return self.engine.unwrap(self.model)
 
     # ------------------------------------------------------------------ phases
     def sample(self, batch: list[Record]) -> Rollout:
@@ -80,7 +80,7 @@ class GRPOTrainer:
                                       max_prompt_length=self.g.max_prompt_length)
         prefill = self.fast and self._shortcut("prefill_once", prefill_once_blocker(self.model, group, g))
         sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(self.accelerator.device)
-        with full_weights_for_generation(self.accelerator, self.model) as policy:  # ZeRO-3 / FSDP: gather once
+        with self.engine.generation_weights(self.model) as policy:  # ZeRO-3 / FSDP: gather once
             ids, mask, texts = generate_grouped(
                 policy, self.processor.tokenizer, group, g, max_new_tokens=self.g.max_completion_length,
                 temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
@@ -152,14 +152,12 @@ class GRPOTrainer:
         for i, rollout in enumerate(rollouts):
             if self._nothing_to_train(rollout):
                 continue
-            last = i == len(rollouts) - 1
-            with self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext():
+            with self.engine.micro_batch(self.model, last=i == len(rollouts) - 1):
                 loss, s = self.loss(rollout, normalizer)
-                self.accelerator.backward(loss / len(rollouts))
+                self.engine.backward(self.model, loss / len(rollouts))
             losses.append(loss.item() / len(rollouts))
             stats.append({k: v.item() for k, v in s.items()})
-        clip = self.accelerator.clip_grad_norm_
-        grad_norm, stepped = clip_and_step(self.model, self.optimizer, self.scheduler, self.g.optim.max_grad_norm, clip)
+        grad_norm, stepped = self.engine.step(self.model, self.optimizer, self.scheduler)
         merged = {k: statistics.fmean(s[k] for s in stats) for k in stats[0]} if stats else {}
         return {"loss": sum(losses), "grad_norm": grad_norm, "stepped": stepped, **merged}
 
@@ -173,8 +171,9 @@ class GRPOTrainer:
         return total / (len(rollouts) * self.accelerator.num_processes)
 
     def _nothing_to_train(self, rollout: Rollout) -> bool:
-        """Every row left out of the loss; skipped only in one process (DDP needs every rank's backward)."""
-        return self.accelerator.num_processes == 1 and not bool(rollout.train_mask().any())
+        """Every row left out of the loss; skipped only where the engine allows it (DDP needs every
+        rank's backward, DeepSpeed counts micro-batches)."""
+        return self.engine.may_skip_backward and not bool(rollout.train_mask().any())
 
     def _shortcut(self, name: str, blocker: str | None) -> bool:
         """Whether a shortcut applies; the first time one does not, say why (once per run)."""
@@ -240,12 +239,9 @@ class GRPOTrainer:
         return step == self.total or (every > 0 and step % every == 0)
 
     def save(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.out, step, model=self.policy, processor=self.processor, optimizer=self.optimizer,
-                            scheduler=self.scheduler, cfg=self.cfg, keep=self.cfg.output.save_total_limit,
-                            extra={"total_steps": self.total})
-        self.accelerator.wait_for_everyone()
+        self.engine.save(self.model, self.out, step, processor=self.processor, optimizer=self.optimizer,
+                         scheduler=self.scheduler, cfg=self.cfg, keep=self.cfg.output.save_total_limit,
+                         extra={"total_steps": self.total})
 
     def _metrics(self, rollouts: list[Rollout], updates: list[dict[str, float]]) -> dict[str, float]:
         """Per-sample statistics gathered from every process, so the log describes the global batch."""
