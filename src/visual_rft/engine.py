@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,21 @@ def _deepspeed_dtype(ds: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
+def deepspeed_load_dtype(requested: str, ds: dict[str, Any]) -> str:
+    """model.dtype under the DeepSpeed config `ds` (see Engine.load_dtype)."""
+    from visual_rft.models.loading import resolve_dtype
+
+    engine_dtype = _deepspeed_dtype(ds)
+    if str(requested).lower() == "auto":
+        return str(engine_dtype).removeprefix("torch.")
+    dtype = resolve_dtype(requested, "cpu")
+    if dtype != torch.float32 and dtype != engine_dtype:
+        raise ConfigError(f"model.dtype={requested} under DeepSpeed, whose launch config's mixed_precision gives "
+                          f"{engine_dtype}: DeepSpeed would step {dtype} weights without fp32 masters; set "
+                          "mixed_precision in the launch config to match, or model.dtype=auto")
+    return requested
+
+
 class Engine:
     """The engine of one training run, built from the section that trains (grpo or sft)."""
 
@@ -187,6 +203,7 @@ class Engine:
                                    grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                                    world=self.accelerator.num_processes)
             self.accelerator.gradient_accumulation_steps = grad_accum
+        self.announce()
 
     # ------------------------------------------------------------------ what runs
     @property
@@ -203,6 +220,12 @@ class Engine:
         engine counting micro-batches (DeepSpeed), waits for it."""
         return self.accelerator.num_processes == 1 and not self.deepspeed
 
+    def announce(self) -> None:
+        """Say on stderr which engine a distributed run got (a launch config that did not take effect
+        is otherwise invisible: accelerate used to turn DeepSpeed into DDP without a word)."""
+        if self.accelerator.is_main_process and (self.deepspeed or self.accelerator.num_processes > 1):
+            print(f"visual-rft: engine: {self.describe()}", file=sys.stderr)
+
     def describe(self) -> str:
         kind = self.accelerator.distributed_type
         name = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else str(kind).split(".")[-1]
@@ -215,17 +238,27 @@ class Engine:
         and a low-precision dtype DeepSpeed would step without masters is refused."""
         if not self.deepspeed:
             return requested
-        from visual_rft.models.loading import resolve_dtype
+        return deepspeed_load_dtype(requested, self.accelerator.state.deepspeed_plugin.deepspeed_config)
 
-        engine_dtype = _deepspeed_dtype(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        if str(requested).lower() == "auto":
-            return str(engine_dtype).removeprefix("torch.")
-        dtype = resolve_dtype(requested, "cpu")
-        if dtype != torch.float32 and dtype != engine_dtype:
-            raise ConfigError(f"model.dtype={requested} under DeepSpeed, whose launch config's mixed_precision gives "
-                              f"{engine_dtype}: DeepSpeed would step {dtype} weights without fp32 masters; set "
-                              f"mixed_precision in the launch config to match, or model.dtype=auto")
-        return requested
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """Around loading the models. Once accelerate has registered a ZeRO-3 config, transformers
+        builds every model partitioned (zero.Init), whatever the launch config's zero3_init_flag says;
+        such a model also saves under other key names (transformers reverses conversions it did not
+        use). The flag is honoured here: off (the shipped configs), models load whole, as on every
+        other engine, and DeepSpeed partitions them when it wraps them; on, for models too large to
+        load whole on one rank, they are built partitioned."""
+        plugin = self.accelerator.state.deepspeed_plugin if self.deepspeed else None
+        if self.zero_stage != 3 or plugin.zero3_init_flag:
+            yield
+            return
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
     def optimizer(self, model: Any, optim: Any) -> torch.optim.Optimizer:
         """AdamW; fp32 masters of bf16/fp16 weights are ours except under DeepSpeed, which keeps its own."""
@@ -235,9 +268,10 @@ class Engine:
         return self.accelerator.prepare(model, optimizer)
 
     def prepare_reference(self, model: Any) -> Any:
-        """The frozen reference model for the KL term. Under ZeRO-3 transformers has built it
-        partitioned (zero.Init), so it becomes a DeepSpeed inference engine: each rank keeps 1/world of
-        its weights and its forward gathers them module by module. Elsewhere it stays whole on the device."""
+        """The frozen reference model for the KL term. Under ZeRO-3 it becomes a DeepSpeed inference
+        engine: each rank keeps 1/world of its weights (a whole copy per rank would cost as much memory
+        as the policy's unsharded weights) and its forward gathers them module by module, one more
+        all-gather of the weights per reference forward. Elsewhere it stays whole on the device."""
         if self.zero_stage != 3:
             return model
         import deepspeed

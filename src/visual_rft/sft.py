@@ -62,7 +62,8 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     engine = Engine(cfg, "sft", micro_batch=s.batch_size, grad_accum=s.grad_accum_steps, max_grad_norm=s.optim.max_grad_norm)
     accelerator = engine.accelerator
     seed_everything(s.seed)
-    model, processor = load_policy(cfg, accelerator.device, dtype=engine.load_dtype(cfg.model.dtype))
+    with engine.building():
+        model, processor = load_policy(cfg, accelerator.device, dtype=engine.load_dtype(cfg.model.dtype))
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = s.batch_size * s.grad_accum_steps * world
     steps = total_steps(len(records), per_step, s.num_epochs, s.max_steps)
@@ -90,7 +91,8 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
         guard.record(step + 1, stepped)
         evaluated = evaluator.maybe_run(step + 1, steps, accelerator, model, processor, log) if evaluator else {}
         if (step + 1) % max(cfg.output.log_steps, 1) == 0 or step + 1 == steps:
-            log.metrics(step + 1, {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
+            mean_loss = accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=accelerator.device), "mean")
+            log.metrics(step + 1, {"loss": mean_loss.item(), "grad_norm": grad_norm,
                                    "lr": scheduler.get_last_lr()[0],
                                    "skipped_steps_total": guard.total, **timer.pop(), **evaluated})
     engine.save(model, out, steps, processor=processor, optimizer=optimizer, scheduler=scheduler, cfg=cfg,

@@ -42,11 +42,15 @@ class GRPOTrainer:
         seed_everything(self.g.seed)
         ckpt = find_resume_checkpoint(self.out, required=True) if resume else None
         dtype = self.engine.load_dtype(cfg.model.dtype)
-        self.model, self.processor = load_policy(cfg, self.accelerator.device, ckpt / "model" if ckpt else None, dtype)
         self.ref_model = None
-        if self.g.beta > 0 and not cfg.model.lora.enabled:
-            self.ref_model = self.engine.prepare_reference(load_reference_model(
-                cfg.model.name_or_path, dtype=dtype, device=str(self.accelerator.device)))
+        with self.engine.building():
+            self.model, self.processor = load_policy(cfg, self.accelerator.device, ckpt / "model" if ckpt else None,
+                                                     dtype)
+            if self.g.beta > 0 and not cfg.model.lora.enabled:
+                self.ref_model = load_reference_model(cfg.model.name_or_path, dtype=dtype,
+                                                      device=str(self.accelerator.device))
+        if self.ref_model is not None:
+            self.ref_model = self.engine.prepare_reference(self.ref_model)
         self.suppress = vision_token_ids(self.processor, self.model.config)
         per_step = self.g.per_device_batch_size * self.g.grad_accum_steps * self.accelerator.num_processes
         self.per_step, self.total = per_step, total_steps(len(records), per_step, self.g.num_epochs, self.g.max_steps)
