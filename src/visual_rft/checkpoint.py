@@ -9,6 +9,7 @@ State files are read back with `weights_only=True`, so a checkpoint cannot execu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -92,33 +93,75 @@ def start_checkpoint(out_dir: str | Path, step: int, *, create: bool = True) -> 
     return tmp
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a quota, a vanished mount): the message
+    names the folder, what was being written and how much room a checkpoint needs."""
+
+
 def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: Any, optimizer: Any,
                     scheduler: Any, cfg: Config, extra: dict[str, Any] | None = None,
                     keep: int = 2, staged: bool = False) -> Path:
     """Write checkpoint-`step` via a temporary directory and an atomic rename; prune old ones.
-    `optimizer` None: its state is already in the staging folder (`staged`, see start_checkpoint)."""
+    `optimizer` None: its state is already in the staging folder (`staged`, see start_checkpoint).
+    A failed write removes the temporary directory (earlier checkpoints are untouched) and raises
+    CheckpointWriteError."""
     import torch
 
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
-    tmp = start_checkpoint(out_dir, step, create=not staged)
-    with _library_bars_off():
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        processor.save_pretrained(tmp / "model")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    save_config(cfg, tmp / "config.yaml")
-    _fault_point("checkpoint", step)
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-    _modes_like(tmp, tmp / "config.yaml")
-    _fsync_tree(tmp)
+    tmp = start_checkpoint(out_dir, step, create=False)
+    writing = "model/"
+    try:
+        if not staged:
+            start_checkpoint(out_dir, step)
+        with _library_bars_off():
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            processor.save_pretrained(tmp / "model")
+        states = {"optimizer.pt": optimizer, "scheduler.pt": scheduler}
+        for writing, state in states.items():
+            if state is not None:
+                torch.save(state.state_dict(), tmp / writing)
+        writing = "rng.pt"
+        torch.save(_rng_state(), tmp / writing)
+        writing = "config.yaml"
+        save_config(cfg, tmp / writing)
+        _fault_point("checkpoint", step)
+        writing = "trainer_state.json"
+        (tmp / writing).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        _modes_like(tmp, tmp / "config.yaml")
+        writing = "(fsync)"
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(out_dir, final, writing, exc, model, optimizer)) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune_checkpoints(out_dir, keep)
     return final
+
+
+def checkpoint_bytes(out_dir: Path, model: Any, optimizer: Any) -> int:
+    """What one checkpoint of this run takes: the last one's size, else its weights and optimiser state."""
+    last = latest_checkpoint(out_dir)
+    if last is not None:
+        return sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+    tensors = list(model.parameters())
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state_dict()["state"].values() for v in state.values()
+                    if hasattr(v, "element_size")]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _write_failure(out_dir: Path, final: Path, writing: str, exc: BaseException, model: Any, optimizer: Any) -> str:
+    needed, free = checkpoint_bytes(out_dir, model, optimizer), shutil.disk_usage(out_dir).free
+    full = getattr(exc, "errno", None) == errno.ENOSPC or free < needed
+    reason = "no space left on the device" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
+    kept = latest_checkpoint(out_dir)
+    return (f"cannot write {final.name} in {out_dir}: {reason} (while writing {writing}); a checkpoint of this run "
+            f"takes about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there. The partial checkpoint was "
+            f"removed{f'; {kept.name} is intact' if kept else ''}. Free space or lower output.save_total_limit, "
+            "then continue with --resume.")
 
 
 def _modes_like(root: Path, template: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from typing import Any
 
 from visual_rft import __version__
 from visual_rft.config import ConfigError, load_config
@@ -36,9 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue from the latest complete checkpoint in output.dir (an error if there is none)")
     resume.add_argument("--resume-if-present", action="store_true",
                         help="resume when output.dir has a checkpoint, else start from scratch (for job scripts)")
+    resume.add_argument("--resume-with-changes", action="store_true",
+                        help="--resume, accepting settings that differ from the run's own (each change is "
+                             "recorded in output.dir/resume_changes.jsonl); without it such a resume stops")
+    resume.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an output.dir that holds one, removing its checkpoints and logs")
 
     p = sub.add_parser("sft", help="supervised baseline on the same data")
     _config_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output.dir that holds a run, removing its checkpoints and logs")
 
     p = sub.add_parser("eval", help="evaluate a model with the task's verifier")
     _config_args(p)
@@ -110,24 +119,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_lock(folder: str, command: str) -> contextlib.AbstractContextManager:
+    """The run folder's lock, taken by the main process only (torchrun / accelerate start several)."""
+    from visual_rft.runfolder import RunLock, is_main_process
+
+    return RunLock(folder, command) if is_main_process() else contextlib.nullcontext()
+
+
+def check_resume_settings(cfg: Any, ckpt: Any, *, accept_changes: bool) -> None:
+    """The resumed run's settings (its checkpoint's config.yaml) against the requested ones."""
+    from visual_rft.config import to_dict
+    from visual_rft.runfolder import check_resume
+
+    saved = load_config(ckpt / "config.yaml")
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    check_resume(to_dict(saved), to_dict(cfg), where=ckpt.name, step=step, accept_changes=accept_changes,
+                 folder=cfg.output.dir)
+
+
 def run(args: argparse.Namespace) -> object:
     if args.command in ("train", "sft", "eval"):
         path, overrides = _split_config(args)
         cfg = load_config(path, overrides)
         from visual_rft.preflight import find_resume_checkpoint, preflight
+        from visual_rft.runfolder import check_fresh_run
 
         out = getattr(args, "out", None)  # before torch is imported and any model loads
         preflight(cfg, args.command, out, "--out" if out else "output.dir")
-        if args.command == "train":
-            resume = (args.resume or args.resume_if_present) and \
-                find_resume_checkpoint(cfg.output.dir, required=args.resume) is not None
-            from visual_rft.rl.trainer import train_grpo
-            return {"output": str(train_grpo(cfg, resume=resume))}
-        if args.command == "sft":
-            from visual_rft.sft import train_sft
-            return {"output": str(train_sft(cfg))}
-        from visual_rft.evaluate import run_eval
-        return run_eval(cfg, args.model, args.out)
+        with run_lock(out or cfg.output.dir, args.command):
+            if args.command == "train":
+                ckpt = None
+                if args.resume or args.resume_with_changes or args.resume_if_present:
+                    ckpt = find_resume_checkpoint(cfg.output.dir, required=not args.resume_if_present)
+                if ckpt is None:
+                    check_fresh_run(cfg.output.dir, "output.dir", overwrite=args.overwrite)
+                else:
+                    check_resume_settings(cfg, ckpt, accept_changes=args.resume_with_changes)
+                from visual_rft.rl.trainer import train_grpo
+                return {"output": str(train_grpo(cfg, resume=ckpt is not None))}
+            if args.command == "sft":
+                check_fresh_run(cfg.output.dir, "output.dir", overwrite=args.overwrite)
+                from visual_rft.sft import train_sft
+                return {"output": str(train_sft(cfg))}
+            from visual_rft.evaluate import run_eval
+            return run_eval(cfg, args.model, args.out)
     if args.command == "score":
         from visual_rft.score import score_file
         return score_file(args.input, args.output, args.task, args.mode)
@@ -161,19 +196,27 @@ def run(args: argparse.Namespace) -> object:
         from visual_rft.demo import run_demo
         return run_demo(args.out, config_path=args.config, overrides=args.overrides)
     if args.command == "sweep":
-        from visual_rft.sweep import run_sweep
+        from visual_rft.sweep import default_out, run_sweep
         path, overrides = _split_config(args)
-        return run_sweep(args.out, config_path=path, overrides=overrides, report_only=args.report_only)
+        with run_lock(args.out or default_out(path), "sweep"):
+            return run_sweep(args.out, config_path=path, overrides=overrides, report_only=args.report_only)
     raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from visual_rft.checkpoint import CheckpointWriteError
+    from visual_rft.preemption import Preempted
+
     try:
         result = run(args)
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, CheckpointWriteError) as exc:
         print(f"visual-rft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"visual-rft {args.command}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     if result is not None and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
         print(json.dumps(result, indent=2, default=str))
     if args.command == "data" and args.data_command == "check":

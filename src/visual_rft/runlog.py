@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from visual_rft.config import Config, ConfigError, OutputConfig, _suggest, to_dict
+from visual_rft.runfolder import heartbeat
 
 # the package each tracker needs, and the extra that installs it
 _TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -131,6 +132,8 @@ class RunLog:
 
     def metrics(self, step: int, values: dict[str, Any], name: str = "metrics.jsonl") -> None:
         self._append(name, {"step": step, **values})
+        if self.enabled:
+            heartbeat(self.dir)  # the run folder's lock, for other hosts judging whether its writer lives
         if self.accelerator is not None:
             # rows of another file (e.g. eval metrics) keep their own namespace in the trackers
             prefix = "" if name == "metrics.jsonl" else f"{Path(name).stem}/"

@@ -293,10 +293,15 @@ def write_outputs(cfg: Config, out: Path, rows: list[dict[str, Any]], best: dict
     return {**paths, "report": str(report), "results": str(out / SWEEP_RESULTS)}
 
 
+def default_out(config_path: str | Path | None) -> Path:
+    """runs/CONFIG_NAME, where a sweep writes without --out."""
+    return Path(f"runs/{Path(config_path or 'sweep_shift').stem}")
+
+
 def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None = None,
               overrides: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
     cfg = load_sweep_config(config_path, overrides)
-    out = Path(out_dir or f"runs/{Path(config_path or 'sweep_shift').stem}")
+    out = Path(out_dir or default_out(config_path))
     done = _open_out(cfg, out)
     if report_only:  # the table, plot and report of the runs finished so far (e.g. of a cut-off sweep)
         if not all(j.key in done for j in plan(cfg, None) if j.phase == "search"):

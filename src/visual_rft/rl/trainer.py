@@ -13,10 +13,11 @@ from tqdm.auto import tqdm
 
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
+from visual_rft.engine import Engine
 from visual_rft.evaluate import TrainingEval
 from visual_rft.models.loading import load_reference_model, vision_token_ids
-from visual_rft.engine import Engine
 from visual_rft.optim import NonFiniteGuard, make_scheduler, seed_everything, shard, slot_seed, step_indices, total_steps
+from visual_rft.preemption import Preempted, StopSignals
 from visual_rft.preflight import find_resume_checkpoint
 from visual_rft.rewards import RewardSet, resolve_rewards
 from visual_rft.rl.advantages import group_advantages, group_reward_std, zero_variance_groups
@@ -191,47 +192,66 @@ class GRPOTrainer:
         save_config(self.cfg, self._ensure_dir() / "config.yaml")
         bar = tqdm(range(self.start_step, self.total), initial=self.start_step, total=self.total,
                    desc="grpo", disable=not (self.cfg.output.progress and self.accelerator.is_main_process))
-        for step in bar:
-            indices = step_indices(step, self.per_step, len(self.records), self.g.seed)
-            micro = shard(indices, self.g.per_device_batch_size, self.accelerator.process_index,
-                          self.accelerator.num_processes)
-            self.model.eval()
-            with self.timer.phase("rollout"):
-                rollouts = []
-                for m, batch in enumerate(micro):
-                    # Sampling is seeded per (step, global micro-batch slot), so the completions do not
-                    # depend on how many processes share the step, nor on where a run was resumed.
-                    slot = m * self.accelerator.num_processes + self.accelerator.process_index
-                    torch.manual_seed(slot_seed(self.g.seed, step, slot))
-                    rollouts.append(self.sample([self.records[i] for i in batch]))
-            with self.timer.phase("reward"):
-                for r in rollouts:
-                    self.score(r)
-            with self.timer.phase("advantage"):
-                for r in rollouts:
-                    self.advantage(r)
-            if self.g.beta > 0:
-                with self.timer.phase("reference"):
-                    for r in rollouts:
-                        self.reference(r)
-            if self.g.num_iterations > 1:
-                with self.timer.phase("old_policy"):
-                    for r in rollouts:
-                        self.old_policy(r)
-            with self.timer.phase("update"):
-                updates = [self.update(rollouts) for _ in range(self.g.num_iterations)]
-            for update in updates:
-                self.guard.record(step + 1, update.pop("stepped"))
-            metrics = self._metrics(rollouts, updates)
-            if self.evaluator is not None:
-                metrics.update(self.evaluator.maybe_run(step + 1, self.total, self.accelerator, self.model,
-                                                        self.processor, self.log))
-            self._log(step + 1, metrics, rollouts)
-            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
-            if self._should_save(step + 1):
-                self.save(step + 1)
+        with StopSignals() as stop:  # SIGTERM / SIGINT: finish the step in flight, save it, exit
+            for step in bar:
+                metrics, rollouts = self.train_step(step)
+                self._log(step + 1, metrics, rollouts)
+                bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}")
+                if self._should_save(step + 1):
+                    self.save(step + 1)
+                signum = self._agreed_stop(stop)
+                if signum and step + 1 < self.total:
+                    if not self._should_save(step + 1):
+                        self.save(step + 1)
+                    self.log.close()
+                    raise Preempted(signum, step + 1, self.out / f"checkpoint-{step + 1}")
         self.log.close()
         return self.out
+
+    def train_step(self, step: int) -> tuple[dict[str, float], list[Rollout]]:
+        """Optimiser step `step + 1`: its phases, and the metrics of the global batch."""
+        indices = step_indices(step, self.per_step, len(self.records), self.g.seed)
+        micro = shard(indices, self.g.per_device_batch_size, self.accelerator.process_index,
+                      self.accelerator.num_processes)
+        self.model.eval()
+        with self.timer.phase("rollout"):
+            rollouts = []
+            for m, batch in enumerate(micro):
+                # Sampling is seeded per (step, global micro-batch slot), so the completions do not
+                # depend on how many processes share the step, nor on where a run was resumed.
+                slot = m * self.accelerator.num_processes + self.accelerator.process_index
+                torch.manual_seed(slot_seed(self.g.seed, step, slot))
+                rollouts.append(self.sample([self.records[i] for i in batch]))
+        with self.timer.phase("reward"):
+            for r in rollouts:
+                self.score(r)
+        with self.timer.phase("advantage"):
+            for r in rollouts:
+                self.advantage(r)
+        if self.g.beta > 0:
+            with self.timer.phase("reference"):
+                for r in rollouts:
+                    self.reference(r)
+        if self.g.num_iterations > 1:
+            with self.timer.phase("old_policy"):
+                for r in rollouts:
+                    self.old_policy(r)
+        with self.timer.phase("update"):
+            updates = [self.update(rollouts) for _ in range(self.g.num_iterations)]
+        for update in updates:
+            self.guard.record(step + 1, update.pop("stepped"))
+        metrics = self._metrics(rollouts, updates)
+        if self.evaluator is not None:
+            metrics.update(self.evaluator.maybe_run(step + 1, self.total, self.accelerator, self.model,
+                                                    self.processor, self.log))
+        return metrics, rollouts
+
+    def _agreed_stop(self, stop: StopSignals) -> int:
+        """The stop signal any process received (0: none); every rank stops after the same step."""
+        if self.accelerator.num_processes == 1:
+            return stop.signum
+        flag = torch.tensor(float(stop.signum), device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, "max").item())
 
     # ------------------------------------------------------------------ bookkeeping
     def _ensure_dir(self) -> Path:
