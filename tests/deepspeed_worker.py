@@ -5,14 +5,14 @@ through the gradient reduction, so the whole step must be skipped on all of them
 import sys
 
 from visual_rft.config import load_config
-from visual_rft.rewards import resolve_rewards
+from visual_rft.rewards import task_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runtime import load_split
 
 
 def main() -> None:
     cfg = load_config(sys.argv[1], sys.argv[2:])
-    rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
+    rewards = task_rewards(cfg.task)
     trainer = GRPOTrainer(cfg, load_split(cfg), rewards)
     calls = {"n": 0}
     update, loss = trainer.update, trainer.loss

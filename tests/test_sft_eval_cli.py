@@ -57,12 +57,14 @@ def test_score_command_adds_one_field_per_component(tmp_path, capsys):
     assert main(["score", "--mode", "strict", str(src), str(tmp_path / "strict.jsonl")]) == 0
     strict = read_jsonl(tmp_path / "strict.jsonl")
     assert [(r["id"], r["accuracy"], r["format"]) for r in strict] == [(1, 1.0, 1.0), (2, 0.0, 1.0), (3, 0.0, 0.0)]
+    capsys.readouterr()
     assert main(["score", "--mode", "visual_rft", str(src), str(tmp_path / "orig.jsonl")]) == 0
     original = read_jsonl(tmp_path / "orig.jsonl")
     # the original's substring test accepts "desert-rose" for "rose" and reads a bare "rose" as the answer
     assert [(r["accuracy"], r["format"]) for r in original] == [(1.0, 1.0), (1.0, 1.0), (1.0, 0.0)]
-    means = json.loads(capsys.readouterr().out.strip().split("\n}\n")[-1])
-    assert means == {"accuracy": 1.0, "format": 2 / 3}
+    means = json.loads(capsys.readouterr().out)
+    assert means == {"accuracy": 1.0, "format": 2 / 3,
+                     "settings": {"task": "classification", "mode": "visual_rft", "thinking": "on"}}
 
 
 def test_score_command_names_the_bad_line(tmp_path, capsys):

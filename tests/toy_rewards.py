@@ -13,3 +13,11 @@ def wrong_length(completions, **_):
 def text_length(completions, **_):
     """Always varies within a group, so every step has a non-zero advantage."""
     return [len(c) / 100 for c in completions]
+
+
+def slow_text_length(completions, **_):
+    """text_length, 0.3 s late: a run slow enough that a signal sent between steps lands mid-run."""
+    import time
+
+    time.sleep(0.3)
+    return text_length(completions)

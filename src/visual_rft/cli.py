@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score saved completions (JSONL with completion + solution)")
     p.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"])
-    p.add_argument("--mode", default="strict", choices=["strict", "visual_rft"])
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("--mode", default="strict", choices=["strict", "visual_rft"],
+                   help="reward semantics: strict (default) or visual_rft (the original release's, quirks included)")
+    p.add_argument("--thinking", default="on", choices=["on", "off"],
+                   help="on (default): <think>…</think><answer>…</answer>; off: the answer block alone (task.thinking)")
+    p.add_argument("input", help="JSONL, one object per line with `completion` and `solution` (+ any columns)")
+    p.add_argument("output", help="where to write the rows with one field per reward added")
 
     p = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2-VL (or another family) into DIR")
     p.add_argument("dir")
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> object:
             return run_eval(cfg, args.model, args.out)
     if args.command == "score":
         from visual_rft.score import score_file
-        return score_file(args.input, args.output, args.task, args.mode)
+        return score_file(args.input, args.output, args.task, args.mode, args.thinking)
     if args.command == "tiny-model":
         from visual_rft.models.tiny import build_tiny_model
         return {"model": str(build_tiny_model(args.dir, seed=args.seed, arch=args.arch))}

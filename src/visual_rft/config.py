@@ -66,6 +66,9 @@ class DataConfig:
     max_image_pixels: int = 64_000_000  # larger images (width x height) are bad records (never decoded)
 
 
+NO_THINK_INSTRUCTION = "Output the final answer in <answer> </answer> tags."
+
+
 @dataclass
 class TaskConfig:
     """The task: its prompt and its verifiable rewards."""
@@ -83,6 +86,9 @@ class TaskConfig:
         "Please strictly follow the format."
     )  # appended to the question on a new line when the record has no problem text of its own
     system_prompt: Optional[str] = None  # optional system message
+    # on = <think>…</think><answer>…</answer> (the paper's); off = No-Thinking RFT (CLS-RL, Li et al.
+    # 2025): the answer block alone, which the format reward then requires, and SFT targets drop the think
+    thinking: Literal["on", "off"] = "on"
     # Box coordinates in answers and solutions: qwen2vl = 0-1000 relative, pixels = the model input's
     # pixels, normalized = 0-1; auto = the model family's own (models/families.py). A data source's
     # `?box_space=` option or a record's box_space field wins over it.
@@ -414,6 +420,9 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.task.rewards:
         raise ConfigError("task.rewards is empty: GRPO needs at least one reward")
+    if cfg.task.thinking == "off" and "<think>" in cfg.task.instruction:
+        raise ConfigError(f"task.thinking=off but task.instruction asks for a <think> block; set "
+                          f"task.instruction='{NO_THINK_INSTRUCTION}' (or your own answer-only instruction)")
     if cfg.output.report_to:
         from visual_rft.runlog import check_trackers  # imports accelerate: only when trackers are asked for
         check_trackers(cfg.output.report_to)

@@ -26,7 +26,7 @@ from visual_rft.evaluate import evaluate_model
 from visual_rft.models.tiny import build_tiny_model
 from visual_rft.report.build import write_report
 from visual_rft.report.plots import moving_average
-from visual_rft.rewards import resolve_rewards
+from visual_rft.rewards import task_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl
 from visual_rft.engine import make_accelerator
@@ -99,7 +99,7 @@ def tokenizer_corpus(cfg: Config, records: list[Record]) -> list[str]:
     so that `'Position': [` is one token, not ten, and completions fit max_completion_length."""
     corpus = [cfg.task.question, cfg.task.instruction, cfg.sft.think]
     for record in records[:cfg.demo.corpus_records]:
-        corpus += [build_prompt(record, cfg.task), sft_target(record, cfg.sft.think)]
+        corpus += [build_prompt(record, cfg.task), sft_target(record, cfg.sft.think, cfg.task.thinking)]
     return corpus
 
 
@@ -162,7 +162,7 @@ def run_demo(out_dir: str | Path = "runs/demo", config_path: str | Path | None =
     sft = _final_model(train_sft(_phase_config(cfg, out / "sft", base), splits["kshot"]))
     lap("sft")
     rft_cfg = _phase_config(cfg, out / "rft", base)
-    rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
+    rewards = task_rewards(cfg.task)
     rft = _final_model(GRPOTrainer(rft_cfg, splits["kshot"], rewards).fit())
     lap("rft")
     results = {name: _evaluate(cfg, path, splits["test"], out / "eval" / name)

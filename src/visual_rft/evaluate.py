@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
 from visual_rft.models.loading import vision_token_ids
-from visual_rft.rewards import resolve_rewards, task_module
+from visual_rft.rewards import task_module, task_rewards
 from visual_rft.rl.rollout import generate
 from visual_rft.runlog import json_line
 from visual_rft.engine import make_accelerator
@@ -25,7 +25,7 @@ def predict(model: Any, processor: Any, records: list[Record], cfg: Config, devi
             progress: bool = True, on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """One completion per record, scored by every reward of the task and parsed by its parser;
     `on_rows` receives each batch's rows as soon as they exist (eval writes them as it goes)."""
-    rewards = resolve_rewards(cfg.task.name, list(task_module(cfg.task.name).REWARDS), cfg.task.mode)
+    rewards = task_rewards(cfg.task, list(task_module(cfg.task.name).REWARDS))
     suppress = vision_token_ids(processor, getattr(model, "config", None))
     rows: list[dict[str, Any]] = []
     model.eval()
@@ -105,6 +105,7 @@ def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Confi
             rows = predict(model, processor, records, cfg, device, progress, on_rows=write)
     metrics = summarize(rows, list(task_module(cfg.task.name).REWARDS))
     metrics.update(task_metrics(rows, records, cfg))
+    metrics["thinking"] = cfg.task.thinking  # which format the format_rate holds completions to
     if out_dir is not None:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

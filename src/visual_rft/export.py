@@ -97,7 +97,8 @@ def _training_section(cfg: Config, source: ModelSource, rows: list[dict[str, Any
     keys = _GRPO_KEYS if grpo else _SFT_KEYS
     lines = ["## Training", "", f"- method: {method}",
              f"- step: {source.step if source.step is not None else 'not recorded'}",
-             f"- task: `{cfg.task.name}` (reward mode `{cfg.task.mode}`, rewards {', '.join(cfg.task.rewards)})",
+             f"- task: `{cfg.task.name}` (reward mode `{cfg.task.mode}`, thinking {cfg.task.thinking}, rewards "
+             f"{', '.join(cfg.task.rewards)})",
              f"- training data: `{cfg.data.train or 'not recorded'}`; eval data: `{cfg.data.eval or 'none'}`",
              "- " + ", ".join(f"{k} {settings[k]}" for k in keys)]
     if merged:

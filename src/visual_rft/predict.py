@@ -20,7 +20,7 @@ from visual_rft.data.record import Record, columns_of
 from visual_rft.model_source import load_source, resolve_model_source, source_config
 from visual_rft.models.loading import vision_token_ids
 from visual_rft.report.images import PALETTE, Boxes, draw_image
-from visual_rft.rewards import resolve_rewards, task_module, task_parser
+from visual_rft.rewards import task_module, task_parser, task_rewards
 from visual_rft.rl.advantages import group_advantages
 from visual_rft.rl.fast import generate_grouped
 from visual_rft.engine import make_accelerator
@@ -93,7 +93,7 @@ def _sample_settings(cfg: Config, samples: int, temperature: float | None,
 
 def _score(cfg: Config, record: Record, texts: list[str]) -> list[dict[str, Any]]:
     """Every configured reward, the weighted total and (for a group) the GRPO advantage."""
-    rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
+    rewards = task_rewards(cfg.task)
     scores = rewards.score(texts, columns_of([record] * len(texts)))
     totals = rewards.total(scores)
     advantages = [None] * len(texts)
@@ -153,6 +153,7 @@ def predict_image(spec: str, image: str, *, question: str | None = None, task: s
         for row, scored in zip(rows, _score(cfg, record, texts)):
             row.update(scored)
     result: dict[str, Any] = {"model": source.model, "step": source.step, "task": cfg.task.name,
+                              "thinking": cfg.task.thinking,
                               "prompt": prompts[0], "temperature": temperature, "samples": rows}
     if out_path is not None:
         result["image_out"] = str(_draw(cfg, record, answers, out_path))
@@ -164,7 +165,8 @@ def format_prediction(result: dict[str, Any]) -> str:
     step = f" (step {result['step']})" if result.get("step") is not None else ""
     n = len(result["samples"])
     how = "greedy" if result["temperature"] == 0 else f"temperature {result['temperature']:g}"
-    lines = [f"{result['model']}{step} · {result['task']} · {n} sample{'s' * (n > 1)}, {how}",
+    thinking = f" · thinking {result['thinking']}" if result.get("thinking") else ""
+    lines = [f"{result['model']}{step} · {result['task']}{thinking} · {n} sample{'s' * (n > 1)}, {how}",
              f"prompt: {result['prompt']!r}"]
     for i, sample in enumerate(result["samples"], start=1):
         answer = repr(sample["answer"]) if sample["parsed"] else "unparsed"

@@ -1,7 +1,7 @@
 """Reward registry: config names -> reward functions, plus explicit `module:function` user code.
 
 Every reward has the TRL signature `f(completions, **columns) -> list[float | None]` (None = not
-applicable to that row). The task's `mode` (strict / visual_rft) is bound here, once, so the trainer
+applicable to that row). The task's `mode` (strict / visual_rft) and `thinking` (on / off) are bound here, once, so the trainer
 and `eval` call the very same function objects and the metric cannot drift from the reward.
 A reward returns only numbers, so a parse failure (0 reward) and a wrong answer (0 reward) look
 alike to it; scoring therefore also runs the task's own parser, once, and reports which completions
@@ -50,13 +50,15 @@ def _load_user_function(spec: str) -> RewardFn:
     return fn
 
 
-def _bind_mode(fn: RewardFn, mode: str) -> RewardFn:
-    takes_mode = "mode" in inspect.signature(fn).parameters
-    if not takes_mode:
+def _bind_settings(fn: RewardFn, **settings: str) -> RewardFn:
+    """`fn` with the task settings it takes (mode, thinking) bound; the others it never sees."""
+    parameters = inspect.signature(fn).parameters
+    taken = {k: v for k, v in settings.items() if k in parameters}
+    if not taken:
         return fn
 
     def bound(completions: list[str], **columns: Any) -> list:
-        return fn(completions, mode=mode, **columns)
+        return fn(completions, **taken, **columns)
 
     bound.__name__ = getattr(fn, "__name__", "reward")
     return bound
@@ -109,15 +111,24 @@ class RewardSet:
         return [sum(w * scores[name][i] for name, w in zip(self.names, self.weights)) for i in range(n)]
 
 
-def resolve_rewards(task: str, names: list[str], mode: str, weights: list[float] | None = None) -> RewardSet:
-    """Look up each name in the task's registry (or import `module:function`); fail early on unknowns."""
+def task_rewards(task: Any, names: list[str] | None = None) -> RewardSet:
+    """The rewards of a TaskConfig: task.rewards (or `names`), weighted, with its mode and thinking."""
+    weights = task.reward_weights if names is None else None
+    return resolve_rewards(task.name, list(names if names is not None else task.rewards), task.mode, weights,
+                           thinking=task.thinking)
+
+
+def resolve_rewards(task: str, names: list[str], mode: str, weights: list[float] | None = None, *,
+                    thinking: str = "on") -> RewardSet:
+    """Look up each name in the task's registry (or import `module:function`); fail early on unknowns.
+    `mode` (and `thinking`, on / off) is bound into every function that takes it."""
     registry: dict[str, RewardFn] = task_module(task).REWARDS
     functions = []
     for name in names:
         if ":" in name:
-            functions.append(_bind_mode(_load_user_function(name), mode))
+            functions.append(_bind_settings(_load_user_function(name), mode=mode, thinking=thinking))
         elif name in registry:
-            functions.append(_bind_mode(registry[name], mode))
+            functions.append(_bind_settings(registry[name], mode=mode, thinking=thinking))
         else:
             raise ValueError(f"unknown reward {name!r} for task {task!r}; known: {', '.join(registry)} "
                              "(or give user code as module:function)")

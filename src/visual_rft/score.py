@@ -28,19 +28,20 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def score_rows(rows: list[dict[str, Any]], task: str, mode: str) -> list[dict[str, Any]]:
-    rewards = resolve_rewards(task, list(task_module(task).REWARDS), mode)
+def score_rows(rows: list[dict[str, Any]], task: str, mode: str, thinking: str = "on") -> list[dict[str, Any]]:
+    rewards = resolve_rewards(task, list(task_module(task).REWARDS), mode, thinking=thinking)
     keys = sorted({k for row in rows for k in row} - {"completion"})
     columns = {k: [row.get(k) for row in rows] for k in keys}
     scores = rewards.score([row["completion"] for row in rows], columns)
     return [{**row, **{name: scores[name][i] for name in rewards.names}} for i, row in enumerate(rows)]
 
 
-def score_file(src: str | Path, dst: str | Path, task: str, mode: str) -> dict[str, float]:
-    """Score `src` into `dst`; returns the mean of each component."""
-    scored = score_rows(read_rows(src), task, mode)
+def score_file(src: str | Path, dst: str | Path, task: str, mode: str, thinking: str = "on") -> dict[str, Any]:
+    """Score `src` into `dst`; returns the mean of each component, and the settings scored under."""
+    scored = score_rows(read_rows(src), task, mode, thinking)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     with open(dst, "w", encoding="utf-8") as fh:
         fh.writelines(json_line(row) for row in scored)
     names = list(task_module(task).REWARDS)
-    return {name: sum(r[name] for r in scored) / len(scored) for name in names}
+    means = {name: sum(r[name] for r in scored) / len(scored) for name in names}
+    return {**means, "settings": {"task": task, "mode": mode, "thinking": thinking}}

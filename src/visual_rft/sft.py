@@ -24,11 +24,12 @@ from visual_rft.runtime import load_policy, load_split, prompt_batch
 _ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
 
 
-def sft_target(record: Record, think: str) -> str:
-    """The assistant text to imitate: the configured reasoning, then the solution's answer block."""
+def sft_target(record: Record, think: str, thinking: str = "on") -> str:
+    """The assistant text to imitate: the configured reasoning, then the solution's answer block
+    (task.thinking=off: the answer block alone)."""
     match = _ANSWER.search(record.solution)
     answer = match.group(0) if match else f"<answer>{record.solution.strip()}</answer>"
-    return f"<think>{think}</think>{answer}"
+    return f"<think>{think}</think>{answer}" if thinking == "on" else answer
 
 
 def target_batch(texts: list[str], tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +49,7 @@ def target_batch(texts: list[str], tokenizer: Any, device: torch.device) -> tupl
 def sft_loss(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device) -> torch.Tensor:
     """Mean negative log-likelihood of the target tokens (the prompt is context only)."""
     inputs, _ = prompt_batch(records, cfg, processor, device)
-    ids, mask = target_batch([sft_target(r, cfg.sft.think) for r in records], processor.tokenizer, device)
+    ids, mask = target_batch([sft_target(r, cfg.sft.think, cfg.task.thinking) for r in records], processor.tokenizer, device)
     return -masked_mean(completion_logprobs(model, inputs, ids, mask), mask)
 
 

@@ -39,7 +39,7 @@ from visual_rft.models.tiny import build_tiny_model
 from visual_rft.report.build import write_report
 from visual_rft.report.discover import SWEEP_RESULTS
 from visual_rft.report.sweep import write_tables
-from visual_rft.rewards import resolve_rewards
+from visual_rft.rewards import task_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import read_jsonl
 from visual_rft.sft import train_sft
@@ -221,7 +221,7 @@ class Sweep:
         g = cfg.grpo
         g.max_steps, g.per_device_batch_size, g.grad_accum_steps, g.optim.learning_rate, g.seed = (
             self.steps, per_step, 1, job.learning_rate, job.seed)
-        rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
+        rewards = task_rewards(cfg.task)
         return _final_model(GRPOTrainer(cfg, records, rewards).fit())
 
 

@@ -52,8 +52,15 @@ def _mode(run: Run) -> str:
     return run.task.get("mode") if run.task.get("mode") in ("strict", "visual_rft") else "strict"
 
 
+def _task_line(run: Run) -> str:
+    """Which verifier scored the run: task, reward mode and thinking (on: <think> + answer; off: answer only)."""
+    task = run.task or {}
+    return (f"task {task.get('name', 'classification')} · reward mode {_mode(run)} · thinking "
+            f"{task.get('thinking', 'on')}")
+
+
 def train_section(run: Run, ctx: Context, budget: int) -> str:
-    parts = []
+    parts = [note(_task_line(run))]
     config = config_text(run.path)
     parts.append(details("resolved config (config.yaml)", config) if config else note("no config.yaml found"))
     curves = ctx.curves.get(run.anchor, {})
@@ -112,7 +119,7 @@ def _failure(task: str, mode: str, row: dict[str, Any], data_row: dict[str, Any]
 
 
 def eval_section(run: Run, ctx: Context) -> str:
-    parts = []
+    parts = [note(_task_line(run))] if run.task else []
     metrics = _metrics_json(run.path)
     scalars = [(k, v) for k, v in metrics.items() if is_number(v)]
     if scalars:

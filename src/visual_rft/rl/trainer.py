@@ -19,7 +19,7 @@ from visual_rft.models.loading import load_reference_model, vision_token_ids
 from visual_rft.optim import NonFiniteGuard, make_scheduler, seed_everything, shard, slot_seed, step_indices, total_steps
 from visual_rft.preemption import Preempted, StopSignals
 from visual_rft.preflight import find_resume_checkpoint
-from visual_rft.rewards import RewardSet, resolve_rewards
+from visual_rft.rewards import RewardSet, task_rewards
 from visual_rft.rl.advantages import group_advantages, group_reward_std, zero_variance_groups
 from visual_rft.rl.fast import (default_sampler, generate_grouped, packing_blocker, prefill_once_blocker,
                                 rollout_logprobs)
@@ -324,7 +324,7 @@ def _rollout_rows(rollout: Rollout, names: list[str]) -> list[dict[str, Any]]:
 def train_grpo(cfg: Config, *, resume: bool = False) -> Path:
     """Validate everything cheap first (rewards, data), then load models and train (evaluating on
     data.eval as eval.steps says)."""
-    rewards = resolve_rewards(cfg.task.name, cfg.task.rewards, cfg.task.mode, cfg.task.reward_weights)
+    rewards = task_rewards(cfg.task)
     records = load_split(cfg, "train")
     evaluator = TrainingEval.from_config(cfg)
     trainer = GRPOTrainer(cfg, records, rewards, resume=resume)

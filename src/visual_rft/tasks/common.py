@@ -177,7 +177,23 @@ def format_ok_strict(text: str) -> bool:
     return bool(s[answer_start + len(ANSWER_OPEN): -len(ANSWER_CLOSE)].strip())
 
 
-def format_reward(completions: list[Any], *, mode: str = "strict", **_: Any) -> list[float]:
-    """1.0 for a completion in the `<think>…</think><answer>…</answer>` layout, else 0.0."""
-    check = format_ok_strict if check_mode(mode) == "strict" else format_ok_visual_rft
+def format_ok_answer_only(text: str) -> bool:
+    """task.thinking=off: one non-empty `<answer>…</answer>` block and nothing else (whitespace around
+    it forgiven); no think block, no text before or after. The original release has no such mode,
+    so `visual_rft` mode checks the same."""
+    s = text.strip()
+    if len(s) > MAX_PARSE_CHARS or not (s.startswith(ANSWER_OPEN) and s.endswith(ANSWER_CLOSE)):
+        return False
+    if any(s.count(tag) != (1 if tag in (ANSWER_OPEN, ANSWER_CLOSE) else 0) for tag in _TAGS):
+        return False
+    return bool(s[len(ANSWER_OPEN): -len(ANSWER_CLOSE)].strip())
+
+
+def format_reward(completions: list[Any], *, mode: str = "strict", thinking: str = "on", **_: Any) -> list[float]:
+    """1.0 for a completion in the `<think>…</think><answer>…</answer>` layout (thinking off: the
+    answer block alone), else 0.0."""
+    if thinking == "off":
+        check = format_ok_answer_only
+    else:
+        check = format_ok_strict if check_mode(mode) == "strict" else format_ok_visual_rft
     return [1.0 if check(completion_text(c)) else 0.0 for c in completions]
