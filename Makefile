@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo sweep test test-all test-engines test-lowest clean
+.PHONY: setup demo sweep sweep-prior test test-all test-engines test-lowest clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,14 @@ SWEEP_THREADS ?= 1
 sweep: setup
 	for preset in $(SWEEP_PRESETS); do \
 	  OMP_NUM_THREADS=$(SWEEP_THREADS) $(VENV)/bin/visual-rft sweep --out runs/$$preset configs/$$preset.yaml || exit 1; done
+
+# When does RFT beat SFT (README "Data efficiency"): SFT, RFT and No-Thinking RFT from a 300-step and a
+# 1500-step warm-up base, k = 1, 4, 16 x 3 seeds, each preset into runs/PRESET_prior (~1 h per preset, one thread).
+PRIOR_ARGS = "sweep.ks=[1,4,16]" "sweep.methods=[sft,rft,rft_nothink]" "sweep.base_steps=[300,1500]"
+sweep-prior: setup
+	for preset in $(SWEEP_PRESETS); do \
+	  OMP_NUM_THREADS=$(SWEEP_THREADS) $(VENV)/bin/visual-rft sweep --out runs/$${preset}_prior configs/$$preset.yaml \
+	    $(PRIOR_ARGS) || exit 1; done
 
 test: setup
 	$(PY) -m pytest -q

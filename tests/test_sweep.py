@@ -197,3 +197,43 @@ def test_report_of_a_sweep_before_its_table_says_so(tmp_path):
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "no table.json and sweep.png yet: the learning-rate search of this sweep has not finished" in page
+
+
+def test_methods_and_base_strengths_each_get_their_search_cells_and_gap(tmp_path, fake_training, monkeypatch):
+    """sweep.methods with rft_nothink and sweep.base_steps with two warm-up lengths (issue 21, item 3):
+    one base each (its held-out value in the table), a learning-rate search per method and base,
+    rft_nothink trained and scored with thinking off, the gap to SFT per base and k."""
+    thinking, scored_with = {}, {}
+    train = sweep.Sweep.train
+
+    def recording_train(self, job, records, run_dir):
+        thinking[job.method] = sweep.method_config(self.cfg, job.method).task.thinking
+        return train(self, job, records, run_dir)
+
+    def evaluate(cfg, model, records, out):
+        name = str(model)
+        if name.startswith("base-"):  # a stronger base scores higher
+            return {"accuracy": 0.25 + int(name.split("-")[1]) / 1000, "format_rate": 1.0}
+        method, k, seed, lr = name.split("|")
+        scored_with[method] = cfg.task.thinking
+        bonus = {"sft": 0.0, "rft": 0.2, "rft_nothink": 0.3}[method]
+        return {"accuracy": round(0.1 + 0.05 * int(k) + 0.01 * int(seed) + bonus, 4), "format_rate": 1.0}
+
+    monkeypatch.setattr(sweep.Sweep, "train", recording_train)
+    monkeypatch.setattr(sweep, "_evaluate", evaluate)
+    monkeypatch.setattr(sweep, "base_model", lambda cfg, warmup, log=print, steps=None: Path(f"base-{steps}"))
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), "configs/sweep_digits.yaml", *TINY, "sweep.learning_rates=[1.0e-3,1.0e-4]",
+                 "sweep.methods=[sft, rft, rft_nothink]", "sweep.base_steps=[100, 400]"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 + 2 * 3 * 2 + 2 * 2 * 2 * 3  # bases + search (bases x methods x rates) + grid
+    assert thinking == scored_with == {"sft": "on", "rft": "on", "rft_nothink": "off"}
+    table = json.loads((out / "table.json").read_text())
+    assert table["bases"] == [{"base_steps": 100, "value": 0.35}, {"base_steps": 400, "value": 0.65}]
+    assert set(table["learning_rates"]) == {f"b{b}/{m}" for b in (100, 400) for m in ("sft", "rft", "rft_nothink")}
+    assert len(table["cells"]) == 2 * 2 * 3  # bases x ks x methods
+    markdown = (out / "table.md").read_text()
+    assert "**base: 400-step warm-up, held-out accuracy 0.650**" in markdown
+    assert "| RFT no-think − SFT |" in markdown.splitlines()[2]
+    assert "| 100 steps (0.350) | RFT no-think | +0.300 | +0.300 |" in markdown
+    assert (out / "base-b100.json").is_file() and "cpu" in json.loads((out / "base-b400.json").read_text())

@@ -228,6 +228,11 @@ class SweepConfig:
     test_records: Optional[int] = None  # held-out records (target != demo: required; demo: None = all of it)
     metric: str = "accuracy"  # the held-out metric compared (a key of eval's metrics.json)
     base_cache: str = "runs/sweep-bases"  # warm-up bases, one folder per warm-up setting, reused across sweeps
+    # what trains from each base: sft, rft (thinking on) and rft_nothink (GRPO with task.thinking=off)
+    methods: list[str] = field(default_factory=lambda: ["sft", "rft"])
+    # warm-up lengths, one base each (None: the one base of demo.warmup_steps); each base's held-out
+    # metric is in the table, so RFT - SFT is measured against the base's prior
+    base_steps: Optional[list[int]] = None
 
 
 @dataclass

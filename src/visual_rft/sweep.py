@@ -20,8 +20,10 @@ table, plot and report are rebuilt from that file (report/sweep.py, report/build
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from visual_rft.config import Config, ConfigError, load_config, to_dict
+from visual_rft.config import NO_THINK_INSTRUCTION, Config, ConfigError, load_config, to_dict
 from visual_rft.data.fewshot import sample_k_shot, split_records
 from visual_rft.data.record import Record
 from visual_rft.data.sources import load_records
@@ -45,7 +47,7 @@ from visual_rft.runlog import read_jsonl
 from visual_rft.sft import train_sft
 from visual_rft.tasks import CLASS_KEY
 
-METHODS = ("sft", "rft")
+METHODS = ("sft", "rft", "rft_nothink")  # rft_nothink: GRPO with task.thinking=off (No-Thinking RFT)
 
 
 def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> Config:
@@ -65,6 +67,13 @@ def load_sweep_config(path: str | Path | None, overrides: list[str] | None) -> C
         problems.append(f"sweep.learning_rates must be positive, got {s.learning_rates}")
     if len(s.learning_rates) > 1 and s.val_records < 1:
         problems.append("sweep.val_records must be >= 1 to search more than one learning rate")
+    if not s.methods or len(set(s.methods)) != len(s.methods) or set(s.methods) - set(METHODS):
+        problems.append(f"sweep.methods must be distinct names among {list(METHODS)}, got {s.methods}")
+    if s.base_steps is not None and (not s.base_steps or any(n < 1 for n in s.base_steps)
+                                     or len(set(s.base_steps)) != len(s.base_steps)):
+        problems.append(f"sweep.base_steps must be distinct positive warm-up lengths, got {s.base_steps}")
+    if s.base_steps is not None and s.base != "warmup":
+        problems.append("sweep.base_steps needs sweep.base=warmup (a given model is one base)")
     if s.target != "demo" and not s.test_records:
         problems.append(f"sweep.target={s.target} needs sweep.test_records (how many held-out records to carve)")
     if problems:
@@ -88,10 +97,14 @@ def target_splits(cfg: Config) -> dict[str, list[Record]]:
     return {"warmup": demo.get("warmup", []), "pool": cut["pool"], "val": cut["val"], "test": test}
 
 
-def base_model(cfg: Config, warmup: list[Record], log: Any = print) -> Path:
-    """The base every run starts from; a warm-up base is trained once per setting and cached."""
+def base_model(cfg: Config, warmup: list[Record], log: Any = print, steps: int | None = None) -> Path:
+    """The base every run starts from; a warm-up base is trained once per setting and cached.
+    `steps`: another warm-up length than demo.warmup_steps (sweep.base_steps)."""
     if cfg.sweep.base == "model":
         return Path(cfg.model.name_or_path)
+    if steps is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.demo.warmup_steps = steps
     # the thread count too: CPU float reductions, and so the warm-up's weights, change with it
     decided_by = {"demo": to_dict(cfg.demo), "image_size": cfg.data.image_size, "task": to_dict(cfg.task),
                   "sft": to_dict(cfg.sft), "model": to_dict(cfg.model), "threads": torch.get_num_threads()}
@@ -125,12 +138,24 @@ def base_fingerprint(base: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_base(out: Path, base: Path) -> None:
+def cpu_model() -> str:
+    """The CPU's model name: float reductions, and so a warm-up's weights, differ between CPU models."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def check_base(out: Path, base: Path, name: str = "base.json") -> None:
     """Refuse to add runs to a sweep whose finished runs started from other weights: a warm-up base
     rebuilt at another thread count or library version is another model, and mixing them would
-    make one table of two experiments."""
-    saved = out / "base.json"
-    now = {"fingerprint": base_fingerprint(base), "path": str(base), "threads": torch.get_num_threads()}
+    make one table of two experiments. `name`: the record of this base (one per sweep.base_steps)."""
+    saved = out / name
+    now = {"fingerprint": base_fingerprint(base), "path": str(base), "threads": torch.get_num_threads(),
+           "cpu": cpu_model()}
     if saved.is_file():
         before = json.loads(saved.read_text())
         if before["fingerprint"] != now["fingerprint"]:
@@ -146,14 +171,35 @@ def check_base(out: Path, base: Path) -> None:
 @dataclass
 class Job:
     phase: str  # "base" (the base on held-out), "search" (on validation) or "grid" (on held-out)
-    method: str  # base / sft / rft
+    method: str  # base / sft / rft / rft_nothink
     k: int = 0
     seed: int = 0
     learning_rate: float = 0.0
+    base_steps: int | None = None  # which base (sweep.base_steps); None: the one base
 
     @property
     def key(self) -> str:
-        return f"{self.phase}/{self.method}/k{self.k}/s{self.seed}/lr{self.learning_rate:g}"
+        prefix = f"b{self.base_steps}/" if self.base_steps is not None else ""
+        return f"{prefix}{self.phase}/{self.method}/k{self.k}/s{self.seed}/lr{self.learning_rate:g}"
+
+    @property
+    def arm(self) -> str:
+        return arm(self.method, self.base_steps)
+
+
+def arm(method: str, base_steps: int | None) -> str:
+    """A method from one base: the unit that gets its own learning-rate search and table column."""
+    return method if base_steps is None else f"b{base_steps}/{method}"
+
+
+def method_config(cfg: Config, method: str) -> Config:
+    """The run's settings for `method`: rft_nothink is GRPO with task.thinking=off and the answer-only
+    instruction, trained and scored that way; sft and rft keep the preset's (thinking on)."""
+    if method != "rft_nothink":
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.task.thinking, out.task.instruction = "off", NO_THINK_INSTRUCTION
+    return out
 
 
 @dataclass
@@ -161,7 +207,7 @@ class Sweep:
     cfg: Config
     out: Path
     splits: dict[str, list[Record]]
-    base: Path
+    bases: dict[int | None, Path]  # by sweep.base_steps entry (None: the one base)
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
@@ -172,17 +218,17 @@ class Sweep:
         run_dir = self.out / "runs" / job.key.replace("/", "-")
         shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off earlier starts over
         kshot = self.kshot(job.k, job.seed) if job.phase != "base" else []
-        model = self.base if job.phase == "base" else self.train(job, kshot, run_dir)
+        model = self.bases[job.base_steps] if job.phase == "base" else self.train(job, kshot, run_dir)
         trained = time.perf_counter()
         split = "val" if job.phase == "search" else "test"
-        metrics = _evaluate(self.eval_config(), model, self.splits[split], run_dir / "eval")
+        metrics = _evaluate(self.eval_config(job), model, self.splits[split], run_dir / "eval")
         for ckpt in run_dir.glob("checkpoint-*"):  # the weights are not needed once scored
             shutil.rmtree(ckpt)
         value = metrics[self.cfg.sweep.metric] if self.cfg.sweep.metric in metrics else None
         if value is None:
             raise ConfigError(f"sweep.metric={self.cfg.sweep.metric} is not in eval's metrics ({sorted(metrics)})")
         row = {"key": job.key, "phase": job.phase, "method": job.method, "k": job.k, "seed": job.seed,
-               "learning_rate": job.learning_rate, "steps": self.steps if job.phase != "base" else 0,
+               "learning_rate": job.learning_rate, "base_steps": job.base_steps, "steps": self.steps if job.phase != "base" else 0,
                "kshot_records": len(kshot), "eval_split": split, "eval_records": len(self.splits[split]),
                "metric": self.cfg.sweep.metric, "value": value,
                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -191,7 +237,8 @@ class Sweep:
             handle.write(json.dumps(row) + "\n")
         self.done[job.key] = row
         elapsed = time.perf_counter() - self.started
-        print(f"[{index}/{total}] {job.phase} {job.method} k={job.k} seed={job.seed} lr={job.learning_rate:g}: "
+        base = f" base={job.base_steps}" if job.base_steps is not None else ""
+        print(f"[{index}/{total}] {job.phase} {job.method}{base} k={job.k} seed={job.seed} lr={job.learning_rate:g}: "
               f"{row['metric']} {value:.3f} on {row['eval_records']} {split} "
               f"({time.perf_counter() - began:.0f} s; elapsed {elapsed / 60:.1f} min)", flush=True)
         return row
@@ -203,14 +250,15 @@ class Sweep:
     def kshot(self, k: int, seed: int) -> list[Record]:
         return sample_k_shot(self.splits["pool"], k, seed=seed, label_key=CLASS_KEY[self.cfg.task.name])
 
-    def eval_config(self) -> Config:
-        cfg = _phase_config(self.cfg, self.out, self.base)
+    def eval_config(self, job: Job) -> Config:
+        """Scored with the settings it was trained with (rft_nothink: thinking off); the base as the preset."""
+        cfg = _phase_config(method_config(self.cfg, job.method), self.out, self.bases[job.base_steps])
         cfg.output.progress = False
         return cfg
 
     def train(self, job: Job, records: list[Record], run_dir: Path) -> Path:
-        """One SFT or RFT run from the base: `steps` steps of `images_per_step` images at the job's rate."""
-        cfg = _phase_config(self.cfg, run_dir, self.base)
+        """One SFT or RFT run from its base: `steps` steps of `images_per_step` images at the job's rate."""
+        cfg = _phase_config(method_config(self.cfg, job.method), run_dir, self.bases[job.base_steps])
         cfg.output.progress = False
         per_step = self.cfg.sweep.images_per_step
         if job.method == "sft":
@@ -226,9 +274,10 @@ class Sweep:
 
 
 def _settings(cfg: Config) -> dict[str, Any]:
-    """What decides a run's result: all but the grid's extent, so ks / seeds can grow on resume."""
+    """What decides a run's result: all but the grid's extent, so ks / seeds / methods / bases can grow
+    on resume (each run's key names its method and base)."""
     tree = to_dict(cfg)
-    for key in ("ks", "seeds", "base_cache"):
+    for key in ("ks", "seeds", "base_cache", "methods", "base_steps"):
         tree["sweep"].pop(key)
     tree["output"] = {}
     if cfg.sweep.base == "warmup":  # the warm-up builds its own tiny model
@@ -263,26 +312,35 @@ def _changed(before: dict[str, Any], now: dict[str, Any], where: str = "") -> li
     return sorted(out)
 
 
+def base_list(cfg: Config) -> list[int | None]:
+    return list(cfg.sweep.base_steps) if cfg.sweep.base_steps else [None]
+
+
 def plan(cfg: Config, best: dict[str, float] | None) -> list[Job]:
-    """The base, the learning-rate search, then the grid seed by seed (a cut-off sweep has whole seeds)."""
-    s = cfg.sweep
-    jobs = [Job("base", "base")]
+    """Each base, the learning-rate search (per method and base), then the grid seed by seed (a
+    cut-off sweep has whole seeds)."""
+    s, bases = cfg.sweep, base_list(cfg)
+    jobs = [Job("base", "base", base_steps=b) for b in bases]
     if len(s.learning_rates) > 1:
-        jobs += [Job("search", m, s.search_k, s.seeds[0], lr) for m in METHODS for lr in s.learning_rates]
-    lrs = best or {m: s.learning_rates[0] for m in METHODS}
-    jobs += [Job("grid", m, k, seed, lrs[m]) for seed in s.seeds for k in s.ks for m in METHODS]
+        jobs += [Job("search", m, s.search_k, s.seeds[0], lr, b) for b in bases for m in s.methods
+                 for lr in s.learning_rates]
+    lrs = best or {arm(m, b): s.learning_rates[0] for b in bases for m in s.methods}
+    jobs += [Job("grid", m, k, seed, lrs[arm(m, b)], b) for seed in s.seeds for k in s.ks for b in bases
+             for m in s.methods]
     return jobs
 
 
 def best_rates(cfg: Config, done: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Per method, the searched rate with the best validation metric (ties: the first listed)."""
-    s = cfg.sweep
-    if len(s.learning_rates) == 1:
-        return {m: s.learning_rates[0] for m in METHODS}
-    best = {}
-    for method in METHODS:
-        scores = [done[Job("search", method, s.search_k, s.seeds[0], lr).key]["value"] for lr in s.learning_rates]
-        best[method] = s.learning_rates[scores.index(max(scores))]
+    """Per method and base, the searched rate with the best validation metric (ties: the first listed)."""
+    s, best = cfg.sweep, {}
+    for b in base_list(cfg):
+        for method in s.methods:
+            if len(s.learning_rates) == 1:
+                best[arm(method, b)] = s.learning_rates[0]
+                continue
+            scores = [done[Job("search", method, s.search_k, s.seeds[0], lr, b).key]["value"]
+                      for lr in s.learning_rates]
+            best[arm(method, b)] = s.learning_rates[scores.index(max(scores))]
     return best
 
 
@@ -308,9 +366,10 @@ def run_sweep(out_dir: str | Path | None = None, config_path: str | Path | None 
             raise ConfigError(f"{out}: the learning-rate search has not finished; nothing to tabulate yet")
         return write_outputs(cfg, out, list(done.values()), best_rates(cfg, done))
     splits = target_splits(cfg)
-    sweep = Sweep(cfg, out, splits, Path("."), done)
-    sweep.base = base_model(cfg, splits["warmup"])
-    check_base(out, sweep.base)
+    bases = {b: base_model(cfg, splits["warmup"], steps=b) for b in base_list(cfg)}
+    for b, path in bases.items():
+        check_base(out, path, "base.json" if b is None else f"base-b{b}.json")
+    sweep = Sweep(cfg, out, splits, bases, done)
     searched = all(j.key in done for j in plan(cfg, None) if j.phase == "search")
     planned = plan(cfg, best_rates(cfg, done) if searched else None)
     total, finished = len(planned), sum(job.key in done for job in planned)

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 from visual_rft.config import Config
 from visual_rft.report.html import img, note, section, sub, table
 
-NAMES = {"sft": "SFT", "rft": "Visual-RFT"}
-COLORS = {"sft": "tab:blue", "rft": "tab:orange"}
+NAMES = {"sft": "SFT", "rft": "Visual-RFT", "rft_nothink": "Visual-RFT, no thinking"}
+SHORT = {"sft": "SFT", "rft": "RFT", "rft_nothink": "RFT no-think"}  # table columns and gaps
+COLORS = {"sft": "tab:blue", "rft": "tab:orange", "rft_nothink": "tab:green"}
 TABLE, TABLE_MD, PLOT = "table.json", "table.md", "sweep.png"  # in the sweep's folder, next to its results.jsonl
 
 
@@ -28,24 +29,35 @@ def cell_stats(values: Sequence[float]) -> dict[str, Any]:
             "min": min(values), "max": max(values), "values": values}
 
 
+def _arm(method: str, base_steps: int | None) -> str:
+    return method if base_steps is None else f"b{base_steps}/{method}"  # as sweep.arm
+
+
 def summarize(cfg: Config, rows: list[dict[str, Any]], best: dict[str, float]) -> dict[str, Any]:
-    """The table: per k and method the grid runs' metric over the configured seeds, plus the base."""
+    """The table: per base, k and method the grid runs' metric over the configured seeds, plus each base."""
     s = cfg.sweep
+    bases = list(s.base_steps) if s.base_steps else [None]
     grid = [r for r in rows if r["phase"] == "grid" and r["k"] in s.ks and r["seed"] in s.seeds
-            and r["learning_rate"] == best[r["method"]]]
-    base = next((r for r in rows if r["phase"] == "base"), None)
+            and r["method"] in s.methods and r.get("base_steps") in bases
+            and r["learning_rate"] == best.get(_arm(r["method"], r.get("base_steps")))]
+    base_rows = {r.get("base_steps"): r for r in rows if r["phase"] == "base"}
     cells = []
-    for k in s.ks:
-        for method in NAMES:
-            found = sorted((r for r in grid if r["k"] == k and r["method"] == method), key=lambda r: r["seed"])
-            if found:
-                cells.append({"k": k, "method": method, "seeds": [r["seed"] for r in found],
-                              **cell_stats([r["value"] for r in found])})
-    search = [{"method": r["method"], "learning_rate": r["learning_rate"], "value": r["value"]}
-              for r in rows if r["phase"] == "search"]
+    for b in bases:
+        for k in s.ks:
+            for method in s.methods:
+                found = sorted((r for r in grid if r["k"] == k and r["method"] == method and r.get("base_steps") == b),
+                               key=lambda r: r["seed"])
+                if found:
+                    cells.append({"k": k, "method": method, "base_steps": b, "seeds": [r["seed"] for r in found],
+                                  **cell_stats([r["value"] for r in found])})
+    search = [{"method": r["method"], "base_steps": r.get("base_steps"), "learning_rate": r["learning_rate"],
+               "value": r["value"]} for r in rows if r["phase"] == "search"]
+    first = base_rows.get(bases[0])
     any_row = grid[0] if grid else {}
-    return {"metric": s.metric, "target": s.target, "base": base["value"] if base else None,
-            "eval_records": base["eval_records"] if base else None, "ks": s.ks, "seeds": s.seeds,
+    return {"metric": s.metric, "target": s.target, "base": first["value"] if first else None,
+            "bases": [{"base_steps": b, "value": base_rows[b]["value"] if b in base_rows else None} for b in bases],
+            "methods": list(s.methods),
+            "eval_records": first["eval_records"] if first else None, "ks": s.ks, "seeds": s.seeds,
             "learning_rates": best, "search": search,
             "protocol": {"images_seen": s.images_seen, "images_per_step": s.images_per_step,
                          "steps": any_row.get("steps"), "search_k": s.search_k, "val_records": s.val_records,
@@ -53,8 +65,17 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], best: dict[str, float]) -
             "cells": cells, "wall_seconds": round(sum(sum(r["seconds"].values()) for r in rows), 1)}
 
 
-def _cell(summary: dict[str, Any], k: int, method: str) -> dict[str, Any] | None:
-    return next((c for c in summary["cells"] if c["k"] == k and c["method"] == method), None)
+def _methods(summary: dict[str, Any]) -> list[str]:
+    return summary.get("methods") or ["sft", "rft"]  # a table written before sweep.methods existed
+
+
+def _bases(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return summary.get("bases") or [{"base_steps": None, "value": summary["base"]}]
+
+
+def _cell(summary: dict[str, Any], k: int, method: str, base_steps: int | None = None) -> dict[str, Any] | None:
+    return next((c for c in summary["cells"] if c["k"] == k and c["method"] == method
+                 and c.get("base_steps") == base_steps), None)
 
 
 def _fmt(cell: dict[str, Any] | None) -> str:
@@ -63,70 +84,121 @@ def _fmt(cell: dict[str, Any] | None) -> str:
     return f"{cell['mean']:.3f} ± {cell['std']:.3f} ({cell['min']:.3f}–{cell['max']:.3f}, n={cell['n']})"
 
 
-def verdict(sft: dict[str, Any] | None, rft: dict[str, Any] | None) -> str:
-    """Which mean is higher, and whether the gap clears the seed spread (larger of the two stds)."""
-    if sft is None or rft is None:
+def verdict(sft: dict[str, Any] | None, other: dict[str, Any] | None, name: str = "RFT") -> str:
+    """Which mean is higher (`other`, called `name`, or SFT), and whether the gap clears the seed
+    spread (larger of the two stds)."""
+    if sft is None or other is None:
         return "—"
-    gap = rft["mean"] - sft["mean"]
-    leader = "RFT" if gap > 0 else "SFT" if gap < 0 else "tie"
-    spread = max(sft["std"], rft["std"])
-    if min(sft["n"], rft["n"]) == 1:
+    gap = other["mean"] - sft["mean"]
+    leader = name if gap > 0 else "SFT" if gap < 0 else "tie"
+    spread = max(sft["std"], other["std"])
+    if min(sft["n"], other["n"]) == 1:
         return f"{leader} {gap:+.3f} (one seed)"
     clear = "" if abs(gap) > spread else " (within seed spread)"
     return f"{leader} {gap:+.3f}{clear}"
 
 
-def markdown(summary: dict[str, Any]) -> str:
-    metric = summary["metric"]
-    lines = [f"| k per class | base | SFT {metric} mean ± std (min–max, n) | RFT {metric} mean ± std (min–max, n) "
-             "| RFT − SFT |", "|---|---|---|---|---|"]
-    base = "—" if summary["base"] is None else f"{summary['base']:.3f}"
+def _rivals(summary: dict[str, Any]) -> list[str]:
+    """The methods compared with SFT (a gap column each), when SFT ran."""
+    methods = _methods(summary)
+    return [m for m in methods if m != "sft"] if "sft" in methods else []
+
+
+def _rows(summary: dict[str, Any], base: dict[str, Any], text: bool = False) -> list[list[Any]]:
+    """One row per k: k, the base's value (`text`: as 0.123), each method's cell, each rival's gap to SFT."""
+    b, value = base["base_steps"], base["value"]
+    shown = ("—" if value is None else f"{value:.3f}") if text else value
+    rows = []
     for k in summary["ks"]:
-        sft, rft = _cell(summary, k, "sft"), _cell(summary, k, "rft")
-        lines.append(f"| {k} | {base} | {_fmt(sft)} | {_fmt(rft)} | {verdict(sft, rft)} |")
+        cells = {m: _cell(summary, k, m, b) for m in _methods(summary)}
+        rows.append([k, shown, *(_fmt(cells[m]) for m in _methods(summary)),
+                     *(verdict(cells["sft"], cells[m], SHORT[m]) for m in _rivals(summary))])
+    return rows
+
+
+def _base_label(base: dict[str, Any], metric: str) -> str:
+    value = "—" if base["value"] is None else f"{base['value']:.3f}"
+    return f"base: {base['base_steps']}-step warm-up, held-out {metric} {value}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    metric, methods = summary["metric"], _methods(summary)
+    header = (f"| k per class | base | " + " | ".join(f"{SHORT[m]} {metric} mean ± std (min–max, n)" for m in methods)
+              + "".join(f" | {SHORT[m]} − SFT" for m in _rivals(summary)) + " |")
+    rule = "|" + "---|" * (2 + len(methods) + len(_rivals(summary)))
+    bases, blocks = _bases(summary), []
+    for base in bases:
+        lines = [f"**{_base_label(base, metric)}**", ""] if len(bases) > 1 else []
+        lines += [header, rule] + [f"| {' | '.join(str(x) for x in row)} |" for row in _rows(summary, base, text=True)]
+        blocks.append("\n".join(lines) + "\n")
+    if len(bases) > 1 and _rivals(summary):
+        blocks.append(gap_markdown(summary))
+    return "\n".join(blocks)
+
+
+def gap_markdown(summary: dict[str, Any]) -> str:
+    """Mean gap to SFT per base and k: whether a stronger prior moves it."""
+    metric = summary["metric"]
+    lines = [f"**mean gap to SFT by base ({metric})**", "",
+             "| base (held-out) | method | " + " | ".join(f"k={k}" for k in summary["ks"]) + " |",
+             "|" + "---|" * (2 + len(summary["ks"]))]
+    for base in _bases(summary):
+        label = f"{base['base_steps']} steps ({'—' if base['value'] is None else format(base['value'], '.3f')})"
+        for method in _rivals(summary):
+            gaps = []
+            for k in summary["ks"]:
+                sft, other = _cell(summary, k, "sft", base["base_steps"]), _cell(summary, k, method, base["base_steps"])
+                gaps.append("—" if sft is None or other is None else f"{other['mean'] - sft['mean']:+.3f}")
+            lines.append(f"| {label} | {SHORT[method]} | " + " | ".join(gaps) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
-    """Held-out metric vs k (log2 axis): mean line and min–max band over seeds per method, base dashed."""
+    """Held-out metric vs k (log2 axis), one panel per base: mean line and min–max band over seeds per
+    method, the base dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=90)
+    bases = _bases(summary)
+    fig = Figure(figsize=(6 * len(bases), 4), dpi=90)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for method, name in NAMES.items():
-        cells = [c for c in summary["cells"] if c["method"] == method]
-        if cells:
-            ks = [c["k"] for c in cells]
-            ax.plot(ks, [c["mean"] for c in cells], "o-", color=COLORS[method],
-                    label=f"{name} (lr {summary['learning_rates'][method]:g})")
-            ax.fill_between(ks, [c["min"] for c in cells], [c["max"] for c in cells], color=COLORS[method],
-                            alpha=0.2, linewidth=0)
-    if summary["base"] is not None:
-        ax.axhline(summary["base"], color="grey", linestyle="--", label="base")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(summary["ks"], [str(k) for k in summary["ks"]])
-    ax.set(xlabel="training examples per class (k)", ylabel=f"held-out {summary['metric']}", title=title)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title=f"bands: min–max over up to {max((c['n'] for c in summary['cells']), default=0)} seeds", title_fontsize=7)
+    for i, base in enumerate(bases):
+        ax = fig.add_subplot(1, len(bases), i + 1)
+        for method in _methods(summary):
+            cells = [c for c in summary["cells"] if c["method"] == method and c.get("base_steps") == base["base_steps"]]
+            if cells:
+                ks = [c["k"] for c in cells]
+                rate = summary["learning_rates"].get(_arm(method, base["base_steps"]))
+                ax.plot(ks, [c["mean"] for c in cells], "o-", color=COLORS[method],
+                        label=f"{NAMES[method]} (lr {rate:g})" if rate is not None else NAMES[method])
+                ax.fill_between(ks, [c["min"] for c in cells], [c["max"] for c in cells], color=COLORS[method],
+                                alpha=0.2, linewidth=0)
+        if base["value"] is not None:
+            ax.axhline(base["value"], color="grey", linestyle="--", label="base")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(summary["ks"], [str(k) for k in summary["ks"]])
+        panel = title if len(bases) == 1 else f"{title}\n{_base_label(base, summary['metric'])}"
+        ax.set(xlabel="training examples per class (k)", ylabel=f"held-out {summary['metric']}", title=panel)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        seeds = max((c["n"] for c in summary["cells"]), default=0)
+        ax.legend(fontsize=8, title=f"bands: min–max over up to {seeds} seeds", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path
 
 
 def sweep_section(summary: dict[str, Any], plot_path: Path, title: str) -> str:
-    """The report's data-efficiency section: the plot, the table, the learning-rate search, the protocol."""
+    """The report's data-efficiency section: the plot, the table(s), the learning-rate search, the protocol."""
     uri = "data:image/png;base64," + base64.b64encode(plot_path.read_bytes()).decode("ascii")
-    metric = summary["metric"]
-    rows = []
-    for k in summary["ks"]:
-        sft, rft = _cell(summary, k, "sft"), _cell(summary, k, "rft")
-        rows.append([k, summary["base"], _fmt(sft), _fmt(rft), verdict(sft, rft)])
-    header = ["k per class", f"base {metric}", "SFT", "Visual-RFT", "RFT − SFT"]
-    search = table(["method", "learning rate", f"validation {metric}"],
-                   [[NAMES[r["method"]], r["learning_rate"], r["value"]] for r in summary["search"]])
+    metric, methods, bases = summary["metric"], _methods(summary), _bases(summary)
+    header = ["k per class", f"base {metric}", *(NAMES[m] for m in methods),
+              *(f"{SHORT[m]} − SFT" for m in _rivals(summary))]
+    tables = "".join((note(_base_label(base, metric)) if len(bases) > 1 else "")
+                     + table(header, _rows(summary, base), cls="demo-results") for base in bases)
+    search = table(["method", "base", "learning rate", f"validation {metric}"],
+                   [[NAMES[r["method"]], "—" if r.get("base_steps") is None else r["base_steps"], r["learning_rate"],
+                     r["value"]] for r in summary["search"]])
     protocol = summary["protocol"]
     text = (f"Every run sees {protocol['images_seen']} training images, {protocol['images_per_step']} per step "
             f"({protocol['steps']} steps; GRPO samples {protocol['num_generations']} completions of each). "
@@ -134,7 +206,7 @@ def sweep_section(summary: dict[str, Any], plot_path: Path, title: str) -> str:
             f"records carved from the pool: {protocol['searched']}; used: {summary['learning_rates']}. "
             f"Held-out: {summary['eval_records']} records; mean ± sample std (min–max) over seeds "
             f"{summary['seeds']}. Run time (train + eval, all runs): {summary['wall_seconds'] / 60:.1f} min.")
-    body = img(uri, "data efficiency", cls="demo") + table(header, rows, cls="demo-results") + note(text)
+    body = img(uri, "data efficiency", cls="demo") + tables + note(text)
     body += sub("learning-rate search (validation split)", search)
     return section("sweep", title, body)
 
