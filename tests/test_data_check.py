@@ -138,3 +138,23 @@ def test_a_coco_image_that_is_not_an_image_is_a_bad_record_too(tmp_path):
     assert sorted({r.fields["image_id"] for r in kept}) == [1]
     report = check_records(load_records(f"coco:{path}", task="detection"), "detection")
     assert [source.split(":image ")[1] for source, _ in report.problems] == ["2:cat", "2:dog"]
+
+
+def test_an_oversized_image_is_the_same_clear_error_with_the_check_off(tmp_path, monkeypatch):
+    """Issue 18, item 7: with data.check=false a decompression bomb was a PIL traceback. Two ways an
+    image is too large: over data.max_image_pixels, and over PIL's own bomb limit (made small here)."""
+    from visual_rft.data.record import Record
+    from visual_rft.runtime import prompt_batch
+
+    path = tmp_path / "big.png"
+    Image.new("L", (64, 64)).save(path)
+    record = Record(image=str(path), problem="", solution="<answer>1</answer>", source="data.jsonl:3")
+    checked = check_records([record], "classification", max_pixels=3000)
+    cfg = load_config("configs/demo.yaml", ["data.check=false", "data.max_image_pixels=3000"])
+    with pytest.raises(ValueError) as unchecked:
+        prompt_batch([record], cfg, processor=None, device="cpu")
+    assert "data.jsonl:3: image is 64x64, over the limit of 3,000 pixels" in str(unchecked.value)
+    assert checked.problems == [("data.jsonl:3", "image is 64x64, over the limit of 3,000 pixels")]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 > 2 x 1,000: PIL's DecompressionBombError
+    with pytest.raises(ValueError, match="data.jsonl:3: cannot open image .*decompression bomb"):
+        record.load_image()

@@ -8,7 +8,6 @@ State files are read back with `weights_only=True`, so a checkpoint cannot execu
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -16,7 +15,6 @@ import random
 import re
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,30 +67,6 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-@contextlib.contextmanager
-def _library_bars_off() -> Iterator[None]:
-    """transformers draws a "Writing model shards" bar per save, which breaks the training bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
-def start_checkpoint(out_dir: str | Path, step: int, *, create: bool = True) -> Path:
-    """The staging folder of checkpoint-`step` (emptied and made when `create`): other writers, such as
-    DeepSpeed's ranks, put their part there before `save_checkpoint(..., staged=True)` completes it."""
-    tmp = Path(out_dir) / f".tmp-checkpoint-{step}"
-    if create:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    return tmp
-
-
 class CheckpointWriteError(RuntimeError):
     """A checkpoint that could not be written (a full disk, a quota, a vanished mount): the message
     names the folder, what was being written and how much room a checkpoint needs."""
@@ -107,6 +81,8 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     CheckpointWriteError."""
     import torch
 
+    from visual_rft.models.quiet import library_bars_off  # here: finding a checkpoint must not import transformers
+
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = start_checkpoint(out_dir, step, create=False)
@@ -114,7 +90,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     try:
         if not staged:
             start_checkpoint(out_dir, step)
-        with _library_bars_off():
+        with library_bars_off():
             model.save_pretrained(tmp / "model", safe_serialization=True)
             processor.save_pretrained(tmp / "model")
         states = {"optimizer.pt": optimizer, "scheduler.pt": scheduler}

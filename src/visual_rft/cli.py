@@ -51,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model with the task's verifier")
     _config_args(p)
-    p.add_argument("--model", help="model directory (default: model.name_or_path)")
-    p.add_argument("--out", help="output directory (default: output.dir)")
+    p.add_argument("--model", help="a run directory (its latest checkpoint), checkpoint-N[/model] (LoRA adapters load "
+                                    "over the base they were trained on), an export or a hub id "
+                                    "(default: model.name_or_path)")
+    p.add_argument("--out", help="output directory for metrics.json and predictions.jsonl (default: output.dir)")
 
     p = sub.add_parser("score", help="score saved completions (JSONL with completion + solution)")
-    p.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"])
+    p.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"],
+                   help="which task's rewards score the rows (default: classification)")
     p.add_argument("--mode", default="strict", choices=["strict", "visual_rft"],
                    help="reward semantics: strict (default) or visual_rft (the original release's, quirks included)")
     p.add_argument("--thinking", default="on", choices=["on", "off"],
@@ -64,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="where to write the rows with one field per reward added")
 
     p = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2-VL (or another family) into DIR")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", help="new model directory (config.json, weights, processor)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.add_argument("--arch", default="qwen2_vl", help="qwen2_vl (default), qwen2_5_vl, qwen3_vl, qwen3_5, "
                    "internvl, gemma3, smolvlm, llava_onevision or glm4v")
 
@@ -74,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("fewshot", help="write a seeded k-shot split")
     q.add_argument("source", help="dataset path or embedded:mnist")
     q.add_argument("out", help="output directory (data.jsonl + images/)")
-    q.add_argument("--k", type=int, required=True)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--k", type=int, required=True, help="examples per class")
+    q.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0); a larger k contains a smaller")
     q.add_argument("--task", choices=sorted(CLASS_KEY), default="classification",
                    help="what a class is: the label (classification) or the queried category (detection)")
     q.add_argument("--label-key", default=None, help="record field that names the class (overrides --task)")
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="ask a model (a run, checkpoint, LoRA run or hub id) about one image")
     p.add_argument("model", help="run directory (latest checkpoint), checkpoint-N[/model], model directory or hub id")
-    p.add_argument("image")
+    p.add_argument("image", help="the image file to ask about")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (on the run's own config)")
     p.add_argument("--question", help="the question (default: the run's task.question; task.instruction is appended)")
     p.add_argument("--task", choices=["classification", "detection", "grounding"], help="default: the run's task")
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a record field the question or parser reads, e.g. category=tree, box_space=pixels")
     p.add_argument("--out", help="PNG with the boxes drawn (detection/grounding; default IMAGE_STEM.boxes.png)")
     p.add_argument("--config", help="config YAML for a model that is not a run (default: the run's config.yaml)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("export", help="a run or checkpoint as a plain Hugging Face model directory (LoRA merged)")
@@ -111,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config YAML for a model that is not a run")
 
     p = sub.add_parser("demo", help="tiny model + real digits: base vs SFT vs Visual-RFT")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--config", default=None, help="demo config (default: the packaged configs/demo.yaml values)")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     p = sub.add_parser("sweep", help="data efficiency: SFT vs Visual-RFT over k-shot sizes x seeds, one base")
     _config_args(p)

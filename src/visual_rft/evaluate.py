@@ -3,6 +3,7 @@ policy trained on), writing predictions.jsonl and metrics.json."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -13,11 +14,12 @@ from tqdm.auto import tqdm
 
 from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
+from visual_rft.engine import make_accelerator
+from visual_rft.model_source import adapter_base, resolve_model_source
 from visual_rft.models.loading import vision_token_ids
 from visual_rft.rewards import task_module, task_rewards
 from visual_rft.rl.rollout import generate
 from visual_rft.runlog import json_line
-from visual_rft.engine import make_accelerator
 from visual_rft.runtime import load_policy, load_split, prompt_batch
 
 
@@ -112,10 +114,16 @@ def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Confi
 
 
 def run_eval(cfg: Config, model_path: str | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """`visual-rft eval`: model.name_or_path (or `model_path`) over data.eval."""
+    """`visual-rft eval`: model.name_or_path (or `model_path`: a run, checkpoint, LoRA checkpoint,
+    export or hub id, resolved as predict and export resolve it) over data.eval. LoRA adapters load
+    over the base they were trained on (model_source.adapter_base), not the config's model."""
     records = load_split(cfg, "eval")
+    source = resolve_model_source(model_path) if model_path else None
+    if source is not None and source.adapters:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.name_or_path, cfg.model.lora.enabled = adapter_base(source), True
     accelerator = make_accelerator(cfg)
-    model, processor = load_policy(cfg, accelerator.device, model_path)
+    model, processor = load_policy(cfg, accelerator.device, source.model if source else None)
     return evaluate_model(model, processor, records, cfg, accelerator.device, out_dir or cfg.output.dir,
                           progress=cfg.output.progress)
 

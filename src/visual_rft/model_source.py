@@ -1,4 +1,4 @@
-"""What `predict` and `export` accept as a model: a run directory (its latest complete checkpoint),
+"""What `predict`, `export` and `eval --model` accept as a model: a run directory (its latest complete checkpoint),
 a checkpoint-N directory, a checkpoint's model/ directory (full weights or LoRA adapters), any
 save_pretrained directory, or a hub id; and the config to load it with (the run's own when there
 is one, so prompts, image sizes and rewards are the training ones)."""
@@ -71,14 +71,25 @@ def resolve_model_source(spec: str | Path) -> ModelSource:
         "(no trainer_state.json) or a run directory (no checkpoint-N/)")
 
 
+def adapter_base(source: ModelSource) -> str:
+    """The base model LoRA adapters were trained on: the run's model.name_or_path when the checkpoint
+    belongs to a run, else the one recorded in adapter_config.json."""
+    if source.config is not None:
+        return load_config(source.config).model.name_or_path
+    recorded = json.loads((Path(source.model) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise FileNotFoundError(f"LoRA adapters {source.model}: adapter_config.json names no base_model_name_or_path; "
+                                "give model.name_or_path=DIR")
+    return str(recorded)
+
+
 def source_config(source: ModelSource, config_path: str | Path | None = None,
                   overrides: list[str] | None = None) -> Config:
     """The run's config, an export's carried config, or `config_path`; then `overrides`. A bare
     adapter directory's base is the one recorded in its adapter_config.json."""
     base: list[str] = []
     if source.config is None and source.adapters:
-        recorded = json.loads((Path(source.model) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        base = [f"model.name_or_path={recorded}", "model.lora.enabled=true"]
+        base = [f"model.name_or_path={adapter_base(source)}", "model.lora.enabled=true"]
     elif source.run is None:  # a model directory (an export's config names itself) or a hub id
         base = [f"model.name_or_path={source.model}"]
     return load_config(config_path or source.config, [*base, *(overrides or [])])

@@ -63,7 +63,7 @@ def _image_record(image: str, cfg: Config, solution: str | None, fields: dict[st
     if not path.is_file():
         raise FileNotFoundError(f"image {image} does not exist")
     record = Record(image=path, problem="", solution=solution or "", source=str(path))
-    shown = record_image(record, cfg.data.image_size)  # ValueError naming the file if it does not decode
+    shown = record_image(record, cfg.data.image_size, cfg.data.max_image_pixels)  # ValueError naming the file if it does not decode
     defaults: dict[str, Any] = {"image_size": list(shown.size)}
     if cfg.task.name == "detection":
         defaults["box_space"] = resolve_box_space(cfg)  # task.box_space, `auto` = the model family's

@@ -10,7 +10,7 @@ from PIL import Image
 
 from visual_rft.config import Config, ConfigError
 from visual_rft.data.check import check_records, checked
-from visual_rft.data.record import Record
+from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, Record
 from visual_rft.data.sources import load_records
 from visual_rft.models.families import default_box_space
 from visual_rft.models.loading import build_model_inputs, load_model_and_processor, load_model_config
@@ -106,8 +106,8 @@ def load_policy(cfg: Config, device: torch.device, path: str | Path | None = Non
     return model, processor
 
 
-def record_image(record: Record, size: int | None) -> Image.Image:
-    image = record.load_image()
+def record_image(record: Record, size: int | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    image = record.load_image(max_pixels)
     return image.resize((size, size), Image.BILINEAR) if size and image.size != (size, size) else image
 
 
@@ -116,7 +116,7 @@ def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: tor
     """Model inputs for `records`, one prompt each (GRPO reuses a prompt's prefill for its group)."""
     images, prompts = [], []
     for record in records:
-        images.append(record_image(record, cfg.data.image_size))
+        images.append(record_image(record, cfg.data.image_size, cfg.data.max_image_pixels))
         prompts.append(build_prompt(record, cfg.task))
     inputs = build_model_inputs(processor, images, prompts, system=cfg.task.system_prompt)
     length = inputs["input_ids"].size(1)

@@ -13,11 +13,10 @@ from typing import Any
 from PIL import Image
 
 from visual_rft.data.errors import DataError
-from visual_rft.data.record import Record, answer_text, open_image
+from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, Record, answer_text, open_image
 from visual_rft.rewards import task_module
 
 # Larger images are refused rather than decoded: a 100k x 100k PNG would take the machine's memory.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
 @dataclass

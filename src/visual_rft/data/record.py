@@ -12,6 +12,9 @@ from PIL import Image
 
 from visual_rft.tasks.common import first_answer_dotall
 
+# data.max_image_pixels' default: larger images (width x height) are bad records, never decoded
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
 
 @dataclass
 class Record:
@@ -29,18 +32,24 @@ class Record:
     fields: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
-    def load_image(self) -> Image.Image:
-        """Return the image as RGB, opening it from disk when the record holds a path."""
+    def load_image(self, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+        """Return the image as RGB, opening it from disk when the record holds a path. An image over
+        `max_pixels` is refused from its header, before decoding, as the data check refuses it (a
+        decompression bomb stays a clear error with data.check=false too)."""
+        what = f"{len(self.image)} bytes" if isinstance(self.image, bytes) else self.image
         try:
             # In-memory images may be lazily decoded (loaders open bytes without decoding).
             if isinstance(self.image, Image.Image):
+                _check_pixels(self.image, max_pixels, self.source or "image")
                 return to_rgb(self.image)
             with open_image(self.image) as img:
+                _check_pixels(img, max_pixels, self.source or str(what))
                 img.load()
                 # copy: closing the file invalidates `img`, and to_rgb returns RGB images as-is.
                 return to_rgb(img.copy())
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError on some corrupt chunks
-            what = f"{len(self.image)} bytes" if isinstance(self.image, bytes) else self.image
+        except ImageTooLarge:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # SyntaxError: corrupt chunks
             raise ValueError(f"{self.source or what}: cannot open image {what}: {exc}") from exc
 
     def columns(self) -> dict[str, Any]:
@@ -52,6 +61,17 @@ def answer_text(solution: str) -> str:
     """The text inside `<answer>…</answer>`, or the whole solution when it has no tags."""
     inner = first_answer_dotall(solution)
     return (solution if inner is None else inner).strip()
+
+
+class ImageTooLarge(ValueError):
+    """An image over data.max_image_pixels (a possible decompression bomb), refused from its header."""
+
+
+def _check_pixels(image: Image.Image, max_pixels: int, where: str) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{where}: image is {width}x{height}, over the limit of {max_pixels:,} pixels "
+                         "(data.max_image_pixels)")
 
 
 def open_image(image: str | Path | bytes) -> Image.Image:

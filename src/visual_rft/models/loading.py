@@ -63,6 +63,10 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool]:
         return str(path), True
     if name_or_path.startswith((".", "~", os.sep)) or ".." in name_or_path or not _HUB_ID.match(name_or_path):
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    owner = Path(name_or_path.split("/", 1)[0])
+    if "/" in name_or_path and owner.is_dir():  # `runs/tiny-model` beside a runs/ folder: a path, not a hub id
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist (there is a local {owner}/ folder, so "
+                                "this is read as a path, not a hub id)")
     return name_or_path, False
 
 
