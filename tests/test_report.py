@@ -304,3 +304,33 @@ def test_reward_panels_take_their_y_range_from_the_data():
     draw_panel(ax, title, lines, 0)
     low, high = ax.get_ylim()
     assert -0.05 < low < 0.2 and 0.8 < high < 1.05  # the band does not stretch the axis to -0.2..1.2
+
+
+# The issue's case: ground truth [4, 0, 32, 19] on a 56 px tile, in each box space the config can name.
+BOX_IN = {"pixels": [4, 0, 32, 19], "qwen2vl": [71, 0, 571, 339], "normalized": [0.0714, 0.0, 0.5714, 0.3393]}
+
+
+@pytest.mark.parametrize("space, model_type", [("pixels", None), ("qwen2vl", None), ("normalized", None),
+                                               ("auto", "qwen2_5_vl"), ("auto", "qwen2_vl")])
+def test_detection_boxes_follow_the_runs_box_space_when_rows_do_not_say(tmp_path, space, model_type):
+    """Issue 18, item 5: with task.box_space: pixels (Qwen2.5-VL's default) the report read the boxes
+    as 0-1000 and drew a 2-6 px square in the corner. `auto` takes the family of the config's model."""
+    resolved = {"qwen2_5_vl": "pixels", "qwen2_vl": "qwen2vl"}.get(model_type, space)
+    _png(tmp_path / "data/images/000001.png", (255, 255, 255), size=(56, 56))
+    data = _jsonl(tmp_path / "data/data.jsonl", [{"image": "images/000001.png"}])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": model_type or "qwen2_vl"}))
+    run = tmp_path / "det"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"task:\n  name: detection\n  box_space: {space}\ndata:\n  image_size: 56\n"
+                                     f"model:\n  name_or_path: {model}\n")
+    box = BOX_IN[resolved]
+    solution = f"<answer>[{{'Position': {box}, 'Confidence': 1}}]</answer>"
+    _jsonl(run / "rollouts.jsonl", [_rollout(1, f"{data}:1", solution) | {"solution": solution, "iou": 1.0}])
+    img = _decoded(write_report([run]).read_text())
+    scale = img.size[0] / 56
+    green = (0x2C, 0xA0, 0x2C)
+    assert img.getpixel((int(4 * scale) + 1, int(10 * scale))) == green  # left edge at x = 4 px
+    assert img.getpixel((int(32 * scale) - 2, int(10 * scale))) == green  # right edge at x = 32 px
+    assert img.getpixel((int(18 * scale), int(10 * scale))) == (255, 255, 255)  # inside: not a corner square

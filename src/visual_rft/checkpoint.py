@@ -67,6 +67,16 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def start_checkpoint(out_dir: str | Path, step: int, *, create: bool = True) -> Path:
+    """The staging folder of checkpoint-`step` (emptied and made when `create`): other writers, such as
+    DeepSpeed's ranks, put their part there before `save_checkpoint(..., staged=True)` completes it."""
+    tmp = Path(out_dir) / f".tmp-checkpoint-{step}"
+    if create:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint that could not be written (a full disk, a quota, a vanished mount): the message
     names the folder, what was being written and how much room a checkpoint needs."""

@@ -74,8 +74,40 @@ def train_section(run: Run, ctx: Context, budget: int) -> str:
     return section(run.anchor, f"training: {run.name}", "".join(parts))
 
 
+def box_defaults(run: Run) -> dict[str, Any]:
+    """What a run's config says of its boxes, for data rows that do not say it themselves: the box
+    space (task.box_space; `auto` = the family default of the model its config names, read from that
+    model's config.json) and, for `pixels`, the size of the image the model saw (data.image_size)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config_text(run.path) or "") or {}
+    except yaml.YAMLError:
+        return {}
+    task, data = cfg.get("task") or {}, cfg.get("data") or {}
+    space = task.get("box_space") or "auto"
+    if space == "auto":
+        space = _family_box_space((cfg.get("model") or {}).get("name_or_path"))
+    out: dict[str, Any] = {"box_space": space} if space else {}
+    size = data.get("image_size")
+    if space == "pixels" and isinstance(size, int) and size > 0:
+        out["image_size"] = [size, size]
+    return out
+
+
+def _family_box_space(model: Any) -> str | None:
+    try:
+        model_type = json.loads((Path(str(model)) / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the model is gone or a hub id: rows without a box space are read as qwen2vl
+    from visual_rft.models.families import default_box_space
+
+    return default_box_space(model_type)
+
+
 def gallery(run: Run, ctx: Context, budget: int) -> str:
     groups, total = sample_rollouts(run.path / "rollouts.jsonl", budget)
+    defaults = box_defaults(run)
     found = ctx.finder.find_many(g.rows[0].get("source") for g in groups if g.rows)
     cards = []
     for group in groups:
@@ -87,7 +119,7 @@ def gallery(run: Run, ctx: Context, budget: int) -> str:
         views, preds, boxes = [], [], None
         names = list(dict.fromkeys(k for row in group.rows for k in reward_keys(row, ROLLOUT_KEYS)))
         for i, row in enumerate(group.rows):
-            failed, boxes_i = _failure(task, _mode(run), row, hit.row if hit else {})
+            failed, boxes_i = _failure(task, _mode(run), row, {**defaults, **(hit.row if hit else {})})
             color = PALETTE[i % len(PALETTE)] if boxes_i is not None else None
             boxes = boxes or boxes_i
             preds.append(boxes_i.pred if boxes_i else None)
@@ -145,10 +177,11 @@ def _predictions_html(run: Run, ctx: Context, path: Path) -> str:
                                                   "answer") + confusion_table(rows, cols, counts)))
     examples = tally.correct + tally.wrong
     found = ctx.finder.find_many(r.get("source") for r in examples)
+    defaults = box_defaults(run)
     cards = []
     for row in examples:
         hit = found.get(str(row.get("source")))
-        failed, boxes = _failure(task, _mode(run), row, hit.row if hit else {})
+        failed, boxes = _failure(task, _mode(run), row, {**defaults, **(hit.row if hit else {})})
         color = PALETTE[0] if boxes is not None else None
         uri = render_image(hit.image if hit else None, boxes, [color], [boxes.pred if boxes else None])
         verdict = "correct" if is_correct(row) else "wrong"
