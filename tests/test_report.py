@@ -334,3 +334,50 @@ def test_detection_boxes_follow_the_runs_box_space_when_rows_do_not_say(tmp_path
     assert img.getpixel((int(4 * scale) + 1, int(10 * scale))) == green  # left edge at x = 4 px
     assert img.getpixel((int(32 * scale) - 2, int(10 * scale))) == green  # right edge at x = 32 px
     assert img.getpixel((int(18 * scale), int(10 * scale))) == (255, 255, 255)  # inside: not a corner square
+
+
+def test_curves_of_constant_series_integer_steps_and_counts(tmp_path):
+    """Issue 18, item 5: lr 3e-4 throughout was drawn on a +-0.05 axis (read as 0.00), the step axis
+    had ticks at 1.5, and eval/num_samples was drawn as a curve."""
+    from visual_rft.report.plots import group_curves, y_limits
+
+    low, high = y_limits([("lr", [1, 2, 3], [3e-4, 3e-4, 3e-4], None)])
+    assert low < 3e-4 < high and high - low < 1e-4
+    assert y_limits([("x", [1, 2], [0.0, 0.0], None)]) == (-0.05, 0.05)
+    assert "eval" not in group_curves(["eval/num_samples"]) and group_curves(["eval/accuracy"]) == {
+        "eval": ["eval/accuracy"]}
+    from matplotlib.figure import Figure
+
+    from visual_rft.report.plots import draw_panel
+
+    ax = Figure().add_subplot(1, 1, 1)
+    draw_panel(ax, "loss", [("loss", [1, 2, 3], [1.0, 0.5, 0.3], None)])
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_report_of_a_run_includes_its_eval_folder_with_the_eval_config(tmp_path):
+    run = tmp_path / "run"
+    _jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 1.0}])
+    (run / "config.yaml").write_text("task:\n  name: classification\n")
+    ev = _eval_run(run / "eval", 0.5)
+    (ev / "config.yaml").write_text("task:\n  name: classification\n  thinking: 'off'\n")
+    html = write_report([run]).read_text()
+    assert "eval: run/eval" in html and "thinking off" in html
+
+
+def test_a_dataset_read_for_one_section_still_serves_the_next(tmp_path, monkeypatch):
+    """Issue 18, item 5: eval cards said "no image" when reported together with their run: the
+    dataset was read once, for the training gallery's sources, and skipped for the eval's."""
+    from visual_rft.data.record import Record
+    from visual_rft.report import images
+
+    pngs = {name: tmp_path / f"{name}.png" for name in ("a", "b")}
+    for path in pngs.values():
+        _png(path, RED)
+    monkeypatch.setattr(images, "_load_quietly", lambda spec: [
+        Record(image=path, problem="", solution="<answer>1</answer>", source=f"data.parquet:{name}")
+        for name, path in pngs.items()])
+    finder = images.ImageFinder([tmp_path], [images.DataSpec("data.parquet", None, "classification", None)])
+    assert finder.find_many(["data.parquet:a"])["data.parquet:a"].image == pngs["a"]  # the training gallery
+    assert finder.find_many(["data.parquet:b"])["data.parquet:b"].image == pngs["b"]  # then the eval cards

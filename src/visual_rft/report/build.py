@@ -156,7 +156,8 @@ def eval_section(run: Run, ctx: Context) -> str:
     scalars = [(k, v) for k, v in metrics.items() if is_number(v)]
     if scalars:
         parts.append(sub("metrics", table(["metric", "value"], scalars)))
-    for key, title in (("per_category_ap", "per-category AP"), ("per_class_accuracy", "per-class accuracy")):
+    for key, title in (("per_category_AP", "per-category AP"), ("per_category_AP50", "per-category AP50"),
+                       ("per_category_ap", "per-category AP"), ("per_class_accuracy", "per-class accuracy")):
         if isinstance(metrics.get(key), dict) and metrics[key]:
             parts.append(sub(title, bar_table(["category" if "ap" in key else "class", key], metrics[key])))
     preds = run.path / "predictions.jsonl"

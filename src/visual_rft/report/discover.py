@@ -63,12 +63,13 @@ def _entries(path: Path, name: str, task: dict[str, Any]) -> list[Run]:
     if (path / "metrics.jsonl").is_file() or (path / "rollouts.jsonl").is_file():
         runs.append(Run(name, path, "train", _task_of(config_text(path)) or task))
     if (path / "predictions.jsonl").is_file() or (path / "metrics.json").is_file():
-        runs.append(Run(name, path, "eval", task))
+        runs.append(Run(name, path, "eval", _task_of(config_text(path)) or task))  # eval writes its config
     return runs
 
 
 def discover(run_dirs: Sequence[str | Path]) -> Discovered:
     found = Discovered()
+    given = {Path(raw).resolve() for raw in run_dirs}
     for raw in run_dirs:
         path = Path(raw)
         if not path.is_dir():
@@ -83,6 +84,9 @@ def discover(run_dirs: Sequence[str | Path]) -> Discovered:
             runs += [r for phase in DEMO_PHASES for r in _entries(path / "eval" / phase, phase, task)]
         else:
             runs = _entries(path, path.name or str(path), {})
+            inner = path / "eval"  # `visual-rft eval --out RUN/eval`: shown with its run
+            if runs and inner.is_dir() and inner.resolve() not in given:
+                runs += _entries(inner, f"{path.name}/eval", runs[0].task)
         if not runs:
             raise ValueError(f"{path}: not a run directory (no metrics.jsonl, rollouts.jsonl, predictions.jsonl, "
                              f"metrics.json, results.json or a sweep's {SWEEP_RESULTS})")

@@ -63,7 +63,6 @@ class ImageFinder:
         self.roots = [Path(r) for r in roots]
         self.datasets = list(dict.fromkeys(datasets))
         self._manifest: dict[str, tuple[Path, int]] | None = None
-        self._loaded: set[DataSpec] = set()
         self.cache: dict[str, Found] = {}
 
     def find_many(self, sources: Iterable[Any]) -> dict[str, Found]:
@@ -87,13 +86,13 @@ class ImageFinder:
         return self.cache
 
     def _from_datasets(self, missing: set[str]) -> None:
-        """Load the run's datasets (then those the sources name) until every source has its record."""
-        for spec in [*self.datasets, *_named_datasets(missing)]:
+        """Load the run's datasets (then those the sources name) until every source has its record.
+        A dataset is read again for a later section's sources: only the records asked for are kept
+        (their images may be in memory), so one read for the training gallery does not cover the
+        eval cards of the same dataset (they said "no image" when reported together)."""
+        for spec in dict.fromkeys([*self.datasets, *_named_datasets(missing)]):
             if not missing:
                 return
-            if spec in self._loaded:
-                continue
-            self._loaded.add(spec)
             for record in _load_quietly(spec):
                 if record.source in missing:
                     missing.discard(record.source)

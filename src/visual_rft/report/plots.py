@@ -39,9 +39,15 @@ def group_of(key: str) -> str:
     return "loss" if "loss" in low else "other"
 
 
+# counts logged beside the metrics (how many records an eval scored): numbers, but not curves
+NOT_CURVES = ("num_samples", "eval_records", "num_records")
+
+
 def group_curves(keys: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for key in sorted(keys):
+        if key.split("/")[-1] in NOT_CURVES:
+            continue
         out.setdefault(group_of(key), []).append(key)
     return {g: out[g] for g in GROUPS if g in out}
 
@@ -93,11 +99,14 @@ def panels_png(panels: Sequence[Panel], ncols: int = 3) -> str:
 
 
 def draw_panel(ax, title: str, lines: Sequence[Line], first_color: int = 0) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     for j, line in enumerate(lines):
         _plot(ax, line, f"C{(first_color + j) % 10}")
     ax.set_ylim(*y_limits(lines))
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 1.5
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     if len(lines) > 1:
@@ -115,7 +124,9 @@ def y_limits(lines: Sequence[Line]) -> tuple[float, float]:
     low, high = min(values + spread), max(values + spread)
     if 0 <= min(values) and max(values) <= 1:
         low, high = max(low, 0.0), min(high, 1.0)
-    pad = 0.04 * (high - low) if high > low else 0.05 * max(1.0, abs(high))
+    # a constant series (lr 3e-4 throughout) gets a range around its value, not a +-0.05 one that
+    # draws it at "0.00"
+    pad = 0.04 * (high - low) if high > low else (0.05 * abs(high) if high else 0.05)
     return low - pad, high + pad
 
 
