@@ -23,3 +23,14 @@ def test_demo_writes_table_plot_report_and_consistent_results(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "rft" in html and "data:image/png;base64" in html
     assert sum(1 for _ in open(out / "data" / "kshot" / "data.jsonl")) == 20  # k=2 x 10 digits
+
+
+def test_the_demo_table_says_it_is_one_seed_on_which_cpu():
+    """Issue 21, item 4: the table is one seed on one CPU model; another machine of this kind gave another."""
+    from visual_rft.demo import format_table
+
+    summary = {"test_records": 50, "k_shot": 2, "kshot_records": 20, "seed": 0, "cpu": "AMD EPYC 7B13",
+               "threads": 2, "models": {"base": {"accuracy": 0.5, "format_rate": 1.0, "parse_failure_rate": 0.0}},
+               "seconds": {"rft": 1.0}, "plot": "demo.png"}
+    table = format_table(summary)
+    assert "one seed (0)" in table and "measured on AMD EPYC 7B13, 2 thread(s)" in table

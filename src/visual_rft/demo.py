@@ -17,19 +17,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from visual_rft.checkpoint import latest_checkpoint
 from visual_rft.config import Config, ConfigError, load_config
 from visual_rft.data.embedded import mnist_records
 from visual_rft.data.fewshot import sample_k_shot, split_records, write_split
 from visual_rft.data.record import Record
+from visual_rft.engine import make_accelerator
 from visual_rft.evaluate import evaluate_model
 from visual_rft.models.tiny import build_tiny_model
 from visual_rft.report.build import write_report
 from visual_rft.report.plots import moving_average
 from visual_rft.rewards import task_rewards
 from visual_rft.rl.trainer import GRPOTrainer
-from visual_rft.runlog import read_jsonl
-from visual_rft.engine import make_accelerator
+from visual_rft.runlog import cpu_model, read_jsonl
 from visual_rft.runtime import load_policy, load_split
 from visual_rft.sft import sft_target, train_sft
 from visual_rft.tasks import CLASS_KEY
@@ -183,7 +185,9 @@ def _summary(cfg: Config, splits: dict[str, list[Record]], results: dict[str, di
     keys = DATASETS[cfg.demo.dataset]["metrics"]
     rows = {name: {k: m[k] for k in keys if k in m} for name, m in results.items()}
     summary = {"test_records": len(splits["test"]), "k_shot": cfg.demo.k, "kshot_records": len(splits["kshot"]),
-               "seed": cfg.demo.seed, "models": rows, "seconds": timings, "out": str(out)}
+               "seed": cfg.demo.seed, "models": rows, "seconds": timings, "out": str(out),
+               # float reductions differ by CPU model and thread count: the same seed gives another table
+               "cpu": cpu_model(), "threads": torch.get_num_threads()}
     if cfg.demo.dataset != "mnist":  # the digits' results.json keeps exactly its original keys
         summary.update(dataset=cfg.demo.dataset, warmup_records=len(splits["warmup"]),
                        rft_reward=_reward_trend(out / "rft" / "metrics.jsonl", cfg.task.rewards))
@@ -205,7 +209,10 @@ def _reward_trend(path: Path, names: list[str], window: int = 10) -> dict[str, d
 def format_table(summary: dict[str, Any]) -> str:
     spec = DATASETS[summary.get("dataset", "mnist")]
     lines = [f"held-out {spec['items']}: {summary['test_records']}   k-shot: {summary['k_shot']} {spec['k_unit']} "
-             f"({summary['kshot_records']} images)   seed {summary['seed']}"]
+             f"({summary['kshot_records']} images)   one seed ({summary['seed']})"]
+    if summary.get("cpu"):
+        lines.append(f"measured on {summary['cpu']}, {summary['threads']} thread(s); another CPU model or thread "
+                     "count gives another table (make sweep: seeds x k)")
     columns = spec["columns"]
     lines.append(f"{'model':<6}" + "".join(f" {title:>9}" for title, _ in columns))
     for name, row in summary["models"].items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,3 +192,14 @@ def json_line(row: dict[str, Any]) -> str:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def cpu_model() -> str:
+    """The CPU's model name: float reductions, and so a warm-up's weights, differ between CPU models."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from visual_rft.report.discover import SWEEP_RESULTS
 from visual_rft.report.sweep import write_tables
 from visual_rft.rewards import task_rewards
 from visual_rft.rl.trainer import GRPOTrainer
-from visual_rft.runlog import read_jsonl
+from visual_rft.runlog import cpu_model, read_jsonl
 from visual_rft.sft import train_sft
 from visual_rft.tasks import CLASS_KEY
 
@@ -136,17 +135,6 @@ def base_fingerprint(base: Path) -> str:
     for weights in sorted(base.glob("*.safetensors")):
         digest.update(weights.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def cpu_model() -> str:
-    """The CPU's model name: float reductions, and so a warm-up's weights, differ between CPU models."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def check_base(out: Path, base: Path, name: str = "base.json") -> None:
