@@ -102,3 +102,13 @@ def test_which_settings_a_resume_may_change():
     changes = config_changes(saved, asked)
     assert [k for k, *_ in changes] == ["grpo.beta", "grpo.max_steps", "model.name_or_path", "output.save_steps"]
     assert [harmless(k) for k, *_ in changes] == [False, True, False, True]
+
+
+def test_eval_into_a_training_runs_folder_points_at_its_eval_subfolder(finished_run, digits_jsonl, capsys):
+    """eval writes config.yaml: into the run's own folder it replaced the config --resume reads."""
+    before = (finished_run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["eval", "--out", str(finished_run), "configs/demo.yaml", f"data.eval={digits_jsonl}",
+                 "output.progress=false"]) == 2
+    assert f"--out {finished_run / 'eval'}" in capsys.readouterr().err
+    assert (finished_run / "config.yaml").read_text() == before

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> object:
         path, overrides = _split_config(args)
         cfg = load_config(path, overrides)
         from visual_rft.preflight import find_resume_checkpoint, preflight
-        from visual_rft.runfolder import check_fresh_run
+        from visual_rft.runfolder import check_eval_out, check_fresh_run
 
         out = getattr(args, "out", None)  # before torch is imported and any model loads
         preflight(cfg, args.command, out, "--out" if out else "output.dir")
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> object:
                 check_fresh_run(cfg.output.dir, "output.dir", overwrite=args.overwrite)
                 from visual_rft.sft import train_sft
                 return {"output": str(train_sft(cfg))}
+            check_eval_out(out or cfg.output.dir, "--out" if out else "output.dir")
             from visual_rft.evaluate import run_eval
             return run_eval(cfg, args.model, args.out)
     if args.command == "score":

@@ -145,6 +145,15 @@ def check_fresh_run(folder: str | Path, setting: str, *, overwrite: bool) -> Non
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def check_eval_out(folder: str | Path, setting: str) -> None:
+    """eval writes config.yaml, metrics.json and predictions.jsonl: into a training run's own folder it
+    would replace that run's config.yaml (what --resume and predict read)."""
+    found = [p for p in run_artifacts(folder) if p.name != "config.yaml"]
+    if found:
+        raise RunFolderError(f"{setting}={folder} holds a training run ({found[0].name}, ...): eval would replace its "
+                             f"config.yaml; write the evaluation next to it with --out {Path(folder) / 'eval'}")
+
+
 # ------------------------------------------------------------------------------------ resume
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
