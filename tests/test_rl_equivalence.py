@@ -244,3 +244,39 @@ def test_packing_is_chosen_only_when_it_saves_compute(tiny_vl):
     assert packing_pays(model, prompt_len=290, completion_len=64, group_size=4)
     assert not packing_pays(model, prompt_len=300, completion_len=1024, group_size=16)
     assert not packing_pays(model, prompt_len=290, completion_len=64, group_size=1)
+
+
+def test_packing_beside_an_attention_without_4d_masks_runs_sdpa_for_the_packed_forward(tiny_vl, monkeypatch):
+    """Issue 19, item 3: under flash-attention (model.attn_implementation: auto on a GPU) packing was
+    refused. Here eager stands in for an attention that takes no 4-D mask: packing still happens,
+    its forward runs SDPA (counted), and log-probs and gradients equal the plain eager forward."""
+    import visual_rft.rl.fast as fast
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, processor, group = tiny_vl
+    rollout = _fixed_rollout(model, processor, group)
+    monkeypatch.setattr(fast, "_PACKABLE_ATTENTION", ("sdpa",))
+    sdpa, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    model.set_attn_implementation("eager")
+    try:
+        assert can_pack(model, rollout)
+        packed = rollout_logprobs(model, rollout)
+        assert calls and model.config.get_text_config()._attn_implementation == "eager"  # switched back
+        calls.clear()
+        naive = _naive_logprobs(model, rollout)
+        assert not calls  # the plain forward ran eager
+        mask = rollout.completion_mask.bool()
+        assert torch.allclose(packed[mask], naive[mask], atol=1e-5)
+        grads = []
+        for logp in (packed, naive):
+            model.zero_grad()
+            (logp * mask).sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert torch.allclose(grads[0], grads[1], atol=1e-4)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert "gradient checkpointing" in fast.packing_blocker(model, rollout)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.set_attn_implementation("sdpa")
+        model.zero_grad()

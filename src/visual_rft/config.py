@@ -43,7 +43,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto = fp32 on CPU, bf16 on GPU; or float32 / bfloat16 / float16
     device: str = "auto"  # auto = cuda when available, else cpu
     # auto = flash_attention_2 on a GPU in bf16/fp16 where flash-attn is installed, else sdpa (packed
-    # group scoring needs sdpa or eager: under flash-attention scoring runs one row per completion)
+    # group scoring needs a 4-D mask: under flash-attention its forward runs sdpa, the rest flash)
     attn_implementation: Optional[str] = "auto"
     freeze_vision: bool = False  # keep the vision tower fixed
     gradient_checkpointing: bool = False  # trade compute for activation memory

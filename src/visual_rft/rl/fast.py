@@ -12,14 +12,16 @@ tests/test_rl_equivalence.py) and fall back to them where a model does not fit t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from visual_rft.models.families import fast_paths
 from visual_rft.engine import unwrap_model
+from visual_rft.models.families import fast_paths
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
                                    lm_head_weight, repeat_cache, repeat_inputs)
@@ -191,8 +193,30 @@ def generate_grouped(
 
 
 # ------------------------------------------------------------------------------------------------- scoring
+def _text_config(model: Any) -> Any:
+    return unwrap_model(model).config.get_text_config()
+
+
 def _attention_kind(model: Any) -> str:
-    return getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager"
+    """The language model's attention (the packed row's 4-D mask goes to it, not to the vision tower)."""
+    return getattr(_text_config(model), "_attn_implementation", None) or "eager"
+
+
+@contextlib.contextmanager
+def packable_attention(model: Any) -> Iterator[None]:
+    """Around the packed forward: a language model configured with an attention that takes no 4-D
+    mask (flash-attention) runs SDPA for this forward only, which takes the packed row's mask; the
+    vision tower keeps its own. (The attention is looked up from the config at every forward.)"""
+    config = _text_config(model)
+    kind = _attention_kind(model)
+    if kind in _PACKABLE_ATTENTION:
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = kind
 
 
 def packing_pays(model: Any, prompt_len: int, completion_len: int, group_size: int) -> bool:
@@ -220,8 +244,12 @@ def packing_blocker(model: Any, rollout: Rollout) -> str | None:
     rope = mrope_blocker(model, rollout.group_inputs)
     if rope is not None:
         return rope
-    if _attention_kind(model) not in _PACKABLE_ATTENTION:
-        return f"attention {_attention_kind(model)!r} takes no 4-D mask (packing needs sdpa or eager)"
+    if _attention_kind(model) not in _PACKABLE_ATTENTION and getattr(unwrap_model(model), "is_gradient_checkpointing",
+                                                                       False):
+        # the packed forward runs SDPA (packable_attention), but a checkpointed layer recomputes it in
+        # the backward, outside that switch, under its own attention and a mask that attention cannot take
+        return (f"attention {_attention_kind(model)!r} takes no 4-D mask and gradient checkpointing would "
+                "recompute the packed forward with it")
     if lm_head_weight(model) is None:
         return "the LM head is not a plain, whole Linear (sharded, soft-capped or adapted)"
     if not packing_pays(model, rollout.group_inputs["input_ids"].size(1), rollout.completion_ids.size(1),
@@ -289,8 +317,9 @@ def group_logprobs(model: Any, group_inputs: dict[str, torch.Tensor], group_size
                    grad_hint=None) -> torch.Tensor:
     """completion_logprobs [N, T] computed with one packed row per group (see packed_batch);
     temperature and grad_hint as in head_logprobs."""
-    batch, predict = packed_batch(model, group_inputs, group_size, completion_ids, completion_mask)
-    out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
+    with packable_attention(model):
+        batch, predict = packed_batch(model, group_inputs, group_size, completion_ids, completion_mask)
+        out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, predict]  # [B, G*T, H]
     hidden = hidden.reshape(completion_ids.size(0), completion_ids.size(1), -1)
     return head_logprobs(hidden, lm_head_weight(model), completion_ids, temperature=temperature, grad_hint=grad_hint)
