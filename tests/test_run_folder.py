@@ -92,7 +92,7 @@ def test_two_writers_started_together_one_runs_one_stops(tiny_model_dir, digits_
              for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(code for code, _ in results) == [0, 2], results
-    assert any("is in use by visual-rft train" in err for code, err in results if code == 2)
+    assert any("is in use by visual-rft train" in err for code, err in results if code == 2), results
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 

@@ -88,18 +88,33 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a takeover can race another one; the loser sees the winner's lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 holder = _read_holder(self.path)
                 if not _abandoned(holder, self.path):
                     raise RunFolderError(self._busy(holder)) from None
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.me, fh)
             self.held = True
             return
         raise RunFolderError(self._busy(_read_holder(self.path)))
+
+    def _create(self) -> None:
+        """The lock file, created whole: written under a private name, then hard-linked to the lock's
+        name (atomic, and FileExistsError if it is taken), so no reader sees it empty. Where a file
+        system has no hard links, O_EXCL creation then a write."""
+        private = self.path.with_name(f"{LOCK_NAME}.{self.me['host']}.{self.me['pid']}")
+        private.write_text(json.dumps(self.me))
+        try:
+            os.link(private, self.path)
+        except FileExistsError:
+            raise
+        except OSError:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.me, fh)
+        finally:
+            private.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held and _read_holder(self.path).get("pid") == self.me["pid"]:
