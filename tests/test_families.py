@@ -14,7 +14,7 @@ from visual_rft.data.embedded import mnist_records
 from visual_rft.models.families import FAMILIES, default_box_space, fast_paths
 from visual_rft.models.loading import build_model_inputs, load_model_and_processor, vision_token_ids
 from visual_rft.models.tiny import build_tiny_model
-from visual_rft.rl.fast import can_pack, generate_grouped, group_logprobs, rollout_logprobs
+from visual_rft.rl.fast import can_pack, generate_grouped, group_logprobs, prefill_once_blocker, rollout_logprobs
 from visual_rft.rl.rollout import Rollout, eos_token_ids, generate, repeat_inputs, scoring_inputs
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl", "gemma3", "smolvlm", "llava_onevision", "glm4v"]
@@ -112,15 +112,23 @@ def test_trainer_logprobs_and_gradients_equal_a_plain_forward(family):
     model.zero_grad()
 
 
-def test_grouped_generation_equals_generate(family):
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_grouped_generation_equals_generate(family, temperature):
+    """Each prompt prefilled once and its cache repeated for the group: the very tokens of
+    transformers' generate on the repeated prompts, greedy and sampled from one RNG state — for the
+    1-D-position families too (InternVL, Gemma 3, SmolVLM, LLaVA-OneVision: issue 19, item 1)."""
     arch, _, model, processor, group = family
     suppress = vision_token_ids(processor, model.config)
     tok = processor.tokenizer
-    fast, fast_mask, _ = generate_grouped(model, tok, group, G, max_new_tokens=6, temperature=0, suppress_ids=suppress)
-    plain, plain_mask, _ = generate(model, tok, repeat_inputs(group, G), max_new_tokens=6, temperature=0,
+    assert prefill_once_blocker(model, group, G) is None  # the shortcut itself runs, not the fallback
+    torch.manual_seed(7)
+    fast, fast_mask, _ = generate_grouped(model, tok, group, G, max_new_tokens=6, temperature=temperature,
+                                          suppress_ids=suppress, sampler="multinomial")
+    torch.manual_seed(7)
+    plain, plain_mask, _ = generate(model, tok, repeat_inputs(group, G), max_new_tokens=6, temperature=temperature,
                                     suppress_ids=suppress)
     assert torch.equal(fast * fast_mask, plain[:, :fast.size(1)] * plain_mask[:, :fast.size(1)])
-    assert fast_paths(model.config).prefill_once == FAMILIES[arch].mrope
+    assert fast_paths(model.config).prefill_once
 
 
 def test_packing_is_refused_where_it_would_be_wrong(family):

@@ -189,10 +189,13 @@ def fast_paths(config: Any) -> FastPaths:
     """The family's decision, from the model's config alone (the unwrapped model's `.config`)."""
     entry = FAMILIES.get(config.model_type)
     prefill, pack, prefill_reason, pack_reason = True, True, "", ""
-    if entry is None or not entry.mrope:
+    if entry is None:
         prefill = pack = False
-        prefill_reason = pack_reason = (f"{config.model_type}: 1-D RoPE family; these paths continue only "
-                                        "Qwen-VL-style 3-D (M-RoPE) positions (plain batched paths run instead)")
+        prefill_reason = pack_reason = f"{config.model_type}: not a family visual-rft knows (models/families.py)"
+    elif not entry.mrope:  # prefill-once continues 1-D positions too (rl/fast.text_positions)
+        pack = False
+        pack_reason = (f"{config.model_type}: 1-D RoPE family; packed scoring continues only Qwen-VL-style "
+                       "3-D (M-RoPE) positions (one row per completion instead)")
     recurrent = non_attention_layers(config)
     if recurrent:
         # Completions packed in one row would share (leak through) the recurrent state.

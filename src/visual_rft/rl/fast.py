@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from visual_rft.engine import unwrap_model
-from visual_rft.models.families import fast_paths
+from visual_rft.models.families import FAMILIES, fast_paths
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
                                    lm_head_weight, repeat_cache, repeat_inputs)
@@ -90,10 +90,22 @@ def prefill_once_blocker(model: Any, group_inputs: dict[str, torch.Tensor], grou
     """Why `generate_grouped` cannot prefill each prompt once for this model and batch (None: it can)."""
     if group_size == 1:
         return "groups of one completion have nothing to share"
-    paths = fast_paths(unwrap_model(model).config)  # the family's decision (models/families.py)
+    config = unwrap_model(model).config
+    paths = fast_paths(config)  # the family's decision (models/families.py)
     if not paths.prefill_once:
         return paths.prefill_reason
-    return mrope_blocker(model, group_inputs)
+    return mrope_blocker(model, group_inputs) if uses_mrope(config) else None
+
+
+def uses_mrope(config: Any) -> bool:
+    entry = FAMILIES.get(config.model_type)
+    return entry is not None and entry.mrope
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D position ids of left-padded rows, as transformers' generate builds them: the count of real
+    tokens before each one (padding gets 1, never attended to)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
 
 
 def _draw(scores: torch.Tensor, sampling: bool, sampler: str) -> torch.Tensor:
@@ -155,8 +167,14 @@ def generate_grouped(
     if blocked:  # switched off, nothing to share, or positions this code cannot continue
         return generate(model, tokenizer, repeat_inputs(group_inputs, group_size), max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
-    prompt = prompt_positions(model, group_inputs)
-    out = model(**group_inputs, use_cache=True, logits_to_keep=1)
+    mrope = uses_mrope(unwrap_model(model).config)
+    if mrope:  # M-RoPE: 3-D positions from the family's get_rope_index; the next one per row
+        start = prompt_positions(model, group_inputs)[1]
+        out = model(**group_inputs, use_cache=True, logits_to_keep=1)
+    else:  # 1-D positions: generate's own, from the left-padded mask, at the prefill and every step
+        start = group_inputs["attention_mask"].sum(1)
+        out = model(**group_inputs, position_ids=text_positions(group_inputs["attention_mask"]), use_cache=True,
+                    logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     # transformers renamed past_key_values to cache (5.2x); under the old name a `cache=` keyword is
     # silently swallowed and every step would run without its prefix.
@@ -169,7 +187,7 @@ def generate_grouped(
     warpers = _warpers(temperature, top_p, top_k)
     suppress = torch.tensor(sorted(set(suppress_ids or [])), dtype=torch.long, device=logits.device)
     attention = group_inputs["attention_mask"].repeat_interleave(group_size, dim=0)
-    position = prompt[1].repeat_interleave(group_size)
+    position = start.repeat_interleave(group_size)
     rows = attention.size(0)
     head_t = _decode_head(model)
     sampler = sampler or default_sampler(logits.device)
@@ -184,7 +202,8 @@ def generate_grouped(
         if step + 1 == max_new_tokens or not unfinished.any():
             break
         attention = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
-        pos = (position + step).view(1, rows, 1).expand(3, rows, 1)
+        pos = (position + step).view(rows, 1)
+        pos = pos.view(1, rows, 1).expand(3, rows, 1) if mrope else pos
         logits = _step_logits(model, head_t, input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
                               use_cache=True, **{cache_name: cache})
     mask = completion_mask(tokens, eos.tolist())
