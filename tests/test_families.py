@@ -227,3 +227,35 @@ def test_declared_range_and_ci_match_the_tested_versions():
     assert f'"transformers>={LOWEST_TESTED},<{high[0]}.{int(high[1]) + 1}"' in pyproject
     assert f"transformers=={HIGHEST_TESTED}." in (root / "constraints.txt").read_text()
     assert f"TRANSFORMERS_LOWEST ?= {LOWEST_TESTED}." in (root / "Makefile").read_text()
+
+
+def _set_sliding_window(model, window):
+    model.config.get_text_config().sliding_window = window
+    for layer in model.model.language_model.layers:
+        if getattr(layer.self_attn, "is_sliding", False):
+            layer.self_attn.sliding_window = window
+
+
+def test_gemma3_prefill_once_with_a_window_shorter_than_the_prompt():
+    """Gemma 3's sliding-window layers (the tiny model's window, 64, is longer than its prompts): with
+    a window of 8 the tokens change, and prefill-once still gives generate's, greedy and sampled."""
+    from visual_rft.models.tiny import make_tiny_model
+
+    model, processor = make_tiny_model(seed=0, arch="gemma3")
+    processor.tokenizer.padding_side = "left"
+    images = [r.load_image() for r in mnist_records(limit=len(PROMPTS), size=56)]
+    group = dict(build_model_inputs(processor, images, PROMPTS))
+    suppress, tok = vision_token_ids(processor, model.config), processor.tokenizer
+    wide, _, _ = generate(model, tok, repeat_inputs(group, G), max_new_tokens=12, temperature=0, suppress_ids=suppress)
+    _set_sliding_window(model, 8)
+    assert group["input_ids"].size(1) > 8
+    for temperature in (0, 1.0):
+        torch.manual_seed(7)
+        fast, fast_mask, _ = generate_grouped(model, tok, group, G, max_new_tokens=12, temperature=temperature,
+                                              suppress_ids=suppress, sampler="multinomial")
+        torch.manual_seed(7)
+        plain, plain_mask, _ = generate(model, tok, repeat_inputs(group, G), max_new_tokens=12,
+                                        temperature=temperature, suppress_ids=suppress)
+        assert torch.equal(fast * fast_mask, plain[:, :fast.size(1)] * plain_mask[:, :fast.size(1)])
+        if temperature == 0:
+            assert not torch.equal(plain, wide)  # the window is in effect
