@@ -192,10 +192,7 @@ def fast_paths(config: Any) -> FastPaths:
     if entry is None:
         prefill = pack = False
         prefill_reason = pack_reason = f"{config.model_type}: not a family visual-rft knows (models/families.py)"
-    elif not entry.mrope:  # prefill-once continues 1-D positions too (rl/fast.text_positions)
-        pack = False
-        pack_reason = (f"{config.model_type}: 1-D RoPE family; packed scoring continues only Qwen-VL-style "
-                       "3-D (M-RoPE) positions (one row per completion instead)")
+    # 1-D RoPE families: both shortcuts continue generate's own positions (rl/fast.text_positions)
     recurrent = non_attention_layers(config)
     if recurrent:
         # Completions packed in one row would share (leak through) the recurrent state.

@@ -260,7 +260,7 @@ def packing_blocker(model: Any, rollout: Rollout) -> str | None:
     paths = fast_paths(unwrap_model(model).config)
     if not paths.packed_scoring:
         return paths.packing_reason
-    rope = mrope_blocker(model, rollout.group_inputs)
+    rope = mrope_blocker(model, rollout.group_inputs) if uses_mrope(unwrap_model(model).config) else None
     if rope is not None:
         return rope
     if _attention_kind(model) not in _PACKABLE_ATTENTION and getattr(unwrap_model(model), "is_gradient_checkpointing",
@@ -311,19 +311,25 @@ def packed_batch(model: Any, group_inputs: dict[str, torch.Tensor], group_size: 
     length = completion_ids.size(1)
     packed_ids = completion_ids.reshape(rows, group_size * length)
     packed_mask = completion_mask.reshape(rows, group_size * length).to(prompt_mask.dtype)
-    positions, start = prompt_positions(model, group_inputs)
     # Every completion continues the prompt's text positions from the same start, as it would alone.
     offsets = torch.arange(length, device=ids.device).repeat(group_size)
-    completion_pos = (start[:, None] + offsets[None]).unsqueeze(0).expand(3, -1, -1)
+    if uses_mrope(unwrap_model(model).config):  # 3-D M-RoPE positions [3, B, L]
+        positions, start = prompt_positions(model, group_inputs)
+        completion_pos = (start[:, None] + offsets[None]).unsqueeze(0).expand(3, -1, -1)
+        position_ids = torch.cat([positions, completion_pos.to(positions.dtype)], dim=2)
+    else:  # 1-D positions [B, L], as generate numbers a left-padded row
+        positions, start = text_positions(prompt_mask), prompt_mask.sum(1)
+        position_ids = torch.cat([positions, start[:, None] + offsets[None]], dim=1)
     dtype = unwrap_model(model).dtype
     batch = dict(group_inputs)
     batch.update(
         input_ids=torch.cat([ids, packed_ids], dim=1),
         attention_mask=_group_mask(prompt_mask, packed_mask, group_size, _attention_kind(model), dtype),
-        position_ids=torch.cat([positions, completion_pos.to(positions.dtype)], dim=2),
-        mm_token_type_ids=torch.cat([group_inputs["mm_token_type_ids"],
-                                     torch.zeros_like(packed_ids, dtype=group_inputs["mm_token_type_ids"].dtype)], 1),
+        position_ids=position_ids,
     )
+    for key in ("mm_token_type_ids", "token_type_ids"):  # completion tokens are text
+        if key in group_inputs:
+            batch[key] = torch.cat([group_inputs[key], torch.zeros_like(packed_ids, dtype=group_inputs[key].dtype)], 1)
     # Token j of completion g sits at P + g*T + j and is predicted by the state just before it; the
     # first token of every completion is predicted by the prompt's last position.
     predict = prompt_len + torch.arange(group_size * length, device=ids.device) - 1
