@@ -185,6 +185,12 @@ def non_attention_layers(config: Any) -> list[str]:
     return sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")})
 
 
+def uses_mrope(config: Any) -> bool:
+    """Whether the family numbers positions Qwen-VL-style in 3-D (M-RoPE), else 1-D."""
+    entry = FAMILIES.get(config.model_type)
+    return entry is not None and entry.mrope
+
+
 def fast_paths(config: Any) -> FastPaths:
     """The family's decision, from the model's config alone (the unwrapped model's `.config`)."""
     entry = FAMILIES.get(config.model_type)

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from visual_rft.engine import unwrap_model
-from visual_rft.models.families import FAMILIES, fast_paths
+from visual_rft.models.families import fast_paths, uses_mrope
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
                                    lm_head_weight, repeat_cache, repeat_inputs)
@@ -31,15 +31,18 @@ _PACKABLE_ATTENTION = ("sdpa", "eager")
 
 
 def prompt_positions(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """M-RoPE position ids [3, B, P] of the prompts and the next text position after each [B].
+    """Position ids of the prompts — M-RoPE [3, B, P] for the Qwen-VL-style families, else 1-D [B, P]
+    as generate numbers a left-padded row — and the next text position after each [B].
 
-    None where `mrope_blocker` says these positions cannot be computed (the fast paths then fall back).
+    None where `positions_blocker` says these positions cannot be computed (the fast paths then fall back).
     """
-    if mrope_blocker(model, inputs) is not None:
+    if positions_blocker(model, inputs) is not None:
         return None
+    mask = inputs["attention_mask"]
+    if not uses_mrope(unwrap_model(model).config):
+        return text_positions(mask), mask.sum(1)
     base = unwrap_model(model).model
     extra = {k: inputs[k] for k in _ROPE_KEYS if inputs.get(k) is not None}
-    mask = inputs["attention_mask"]
     positions, deltas = base.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                             attention_mask=mask, **extra)
     # get_rope_index's delta is (largest position + 1) - (number of real tokens): the next text position.
@@ -76,9 +79,11 @@ def default_sampler(device: torch.device | str) -> str:
     return "inverse_cdf" if torch.device(device).type == "cpu" else "multinomial"
 
 
-def mrope_blocker(model: Any, inputs: dict[str, torch.Tensor] | None) -> str | None:
-    """Why the prompt's M-RoPE positions cannot be computed and continued here (None: they can).
-    Cheap: both fast paths ask it before any position is computed."""
+def positions_blocker(model: Any, inputs: dict[str, torch.Tensor] | None) -> str | None:
+    """Why the prompt's positions cannot be computed and continued here (None: they can; always for
+    the 1-D-position families). Cheap: both fast paths ask it before any position is computed."""
+    if not uses_mrope(unwrap_model(model).config):
+        return None
     if inputs is None or "mm_token_type_ids" not in inputs:
         return "the batch has no per-group prompt tensors with mm_token_type_ids"
     if not hasattr(getattr(unwrap_model(model), "model", None), "get_rope_index"):
@@ -90,16 +95,10 @@ def prefill_once_blocker(model: Any, group_inputs: dict[str, torch.Tensor], grou
     """Why `generate_grouped` cannot prefill each prompt once for this model and batch (None: it can)."""
     if group_size == 1:
         return "groups of one completion have nothing to share"
-    config = unwrap_model(model).config
-    paths = fast_paths(config)  # the family's decision (models/families.py)
+    paths = fast_paths(unwrap_model(model).config)  # the family's decision (models/families.py)
     if not paths.prefill_once:
         return paths.prefill_reason
-    return mrope_blocker(model, group_inputs) if uses_mrope(config) else None
-
-
-def uses_mrope(config: Any) -> bool:
-    entry = FAMILIES.get(config.model_type)
-    return entry is not None and entry.mrope
+    return positions_blocker(model, group_inputs)
 
 
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -167,14 +166,11 @@ def generate_grouped(
     if blocked:  # switched off, nothing to share, or positions this code cannot continue
         return generate(model, tokenizer, repeat_inputs(group_inputs, group_size), max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
-    mrope = uses_mrope(unwrap_model(model).config)
-    if mrope:  # M-RoPE: 3-D positions from the family's get_rope_index; the next one per row
-        start = prompt_positions(model, group_inputs)[1]
-        out = model(**group_inputs, use_cache=True, logits_to_keep=1)
-    else:  # 1-D positions: generate's own, from the left-padded mask, at the prefill and every step
-        start = group_inputs["attention_mask"].sum(1)
-        out = model(**group_inputs, position_ids=text_positions(group_inputs["attention_mask"]), use_cache=True,
-                    logits_to_keep=1)
+    positions, start = prompt_positions(model, group_inputs)
+    mrope = positions.dim() == 3
+    # M-RoPE families number their prompt themselves (get_rope_index, as prompt_positions did); the 1-D
+    # ones get generate's positions from the left-padded mask, as generate passes them
+    out = model(**group_inputs, use_cache=True, logits_to_keep=1, **({} if mrope else {"position_ids": positions}))
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     # transformers renamed past_key_values to cache (5.2x); under the old name a `cache=` keyword is
     # silently swallowed and every step would run without its prefix.
@@ -260,7 +256,7 @@ def packing_blocker(model: Any, rollout: Rollout) -> str | None:
     paths = fast_paths(unwrap_model(model).config)
     if not paths.packed_scoring:
         return paths.packing_reason
-    rope = mrope_blocker(model, rollout.group_inputs) if uses_mrope(unwrap_model(model).config) else None
+    rope = positions_blocker(model, rollout.group_inputs)
     if rope is not None:
         return rope
     if _attention_kind(model) not in _PACKABLE_ATTENTION and getattr(unwrap_model(model), "is_gradient_checkpointing",
@@ -313,13 +309,11 @@ def packed_batch(model: Any, group_inputs: dict[str, torch.Tensor], group_size: 
     packed_mask = completion_mask.reshape(rows, group_size * length).to(prompt_mask.dtype)
     # Every completion continues the prompt's text positions from the same start, as it would alone.
     offsets = torch.arange(length, device=ids.device).repeat(group_size)
-    if uses_mrope(unwrap_model(model).config):  # 3-D M-RoPE positions [3, B, L]
-        positions, start = prompt_positions(model, group_inputs)
-        completion_pos = (start[:, None] + offsets[None]).unsqueeze(0).expand(3, -1, -1)
-        position_ids = torch.cat([positions, completion_pos.to(positions.dtype)], dim=2)
-    else:  # 1-D positions [B, L], as generate numbers a left-padded row
-        positions, start = text_positions(prompt_mask), prompt_mask.sum(1)
-        position_ids = torch.cat([positions, start[:, None] + offsets[None]], dim=1)
+    positions, start = prompt_positions(model, group_inputs)  # [3, B, P] (M-RoPE) or [B, P]
+    completion_pos = start[:, None] + offsets[None]
+    if positions.dim() == 3:
+        completion_pos = completion_pos.unsqueeze(0).expand(3, -1, -1)
+    position_ids = torch.cat([positions, completion_pos.to(positions.dtype)], dim=-1)
     dtype = unwrap_model(model).dtype
     batch = dict(group_inputs)
     batch.update(
