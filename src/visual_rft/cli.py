@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from typing import Any
 
@@ -214,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from visual_rft.checkpoint import CheckpointWriteError
     from visual_rft.preemption import Preempted
+    from visual_rft.runfolder import is_main_process
 
     try:
         result = run(args)
@@ -221,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visual-rft {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Preempted as stopped:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             print(f"visual-rft {args.command}: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    if result is not None and os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+    if result is not None and is_main_process():  # one summary under torchrun
         print(json.dumps(result, indent=2, default=str))
     if args.command == "data" and args.data_command == "check":
         return 1 if any(split["bad"] for split in result.values()) else 0

@@ -207,10 +207,6 @@ class Engine:
 
     # ------------------------------------------------------------------ what runs
     @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
     def zero_stage(self) -> int:
         return zero_stage(self.accelerator) if self.deepspeed else 0
 
@@ -229,7 +225,7 @@ class Engine:
     def describe(self) -> str:
         kind = self.accelerator.distributed_type
         name = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else str(kind).split(".")[-1]
-        return f"{name} on {self.accelerator.num_processes} process(es), device {self.device.type}"
+        return f"{name} on {self.accelerator.num_processes} process(es), device {self.accelerator.device.type}"
 
     # ------------------------------------------------------------------ weights and precision
     def load_dtype(self, requested: str) -> str:

@@ -39,7 +39,7 @@ from visual_rft.demo import _evaluate, _final_model, _phase_config, digit_splits
 from visual_rft.models.tiny import build_tiny_model
 from visual_rft.report.build import write_report
 from visual_rft.report.discover import SWEEP_RESULTS
-from visual_rft.report.sweep import write_tables
+from visual_rft.report.sweep import arm, write_tables
 from visual_rft.rewards import task_rewards
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runlog import cpu_model, read_jsonl
@@ -169,15 +169,6 @@ class Job:
     def key(self) -> str:
         prefix = f"b{self.base_steps}/" if self.base_steps is not None else ""
         return f"{prefix}{self.phase}/{self.method}/k{self.k}/s{self.seed}/lr{self.learning_rate:g}"
-
-    @property
-    def arm(self) -> str:
-        return arm(self.method, self.base_steps)
-
-
-def arm(method: str, base_steps: int | None) -> str:
-    """A method from one base: the unit that gets its own learning-rate search and table column."""
-    return method if base_steps is None else f"b{base_steps}/{method}"
 
 
 def method_config(cfg: Config, method: str) -> Config:

@@ -29,8 +29,10 @@ def cell_stats(values: Sequence[float]) -> dict[str, Any]:
             "min": min(values), "max": max(values), "values": values}
 
 
-def _arm(method: str, base_steps: int | None) -> str:
-    return method if base_steps is None else f"b{base_steps}/{method}"  # as sweep.arm
+def arm(method: str, base_steps: int | None) -> str:
+    """A method from one base: the unit that gets its own learning-rate search and table column
+    (the sweep's keys of its chosen rates; sweep.py, which trains, imports it from here)."""
+    return method if base_steps is None else f"b{base_steps}/{method}"
 
 
 def summarize(cfg: Config, rows: list[dict[str, Any]], best: dict[str, float]) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], best: dict[str, float]) -
     bases = list(s.base_steps) if s.base_steps else [None]
     grid = [r for r in rows if r["phase"] == "grid" and r["k"] in s.ks and r["seed"] in s.seeds
             and r["method"] in s.methods and r.get("base_steps") in bases
-            and r["learning_rate"] == best.get(_arm(r["method"], r.get("base_steps")))]
+            and r["learning_rate"] == best.get(arm(r["method"], r.get("base_steps")))]
     base_rows = {r.get("base_steps"): r for r in rows if r["phase"] == "base"}
     cells = []
     for b in bases:
@@ -168,7 +170,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
             cells = [c for c in summary["cells"] if c["method"] == method and c.get("base_steps") == base["base_steps"]]
             if cells:
                 ks = [c["k"] for c in cells]
-                rate = summary["learning_rates"].get(_arm(method, base["base_steps"]))
+                rate = summary["learning_rates"].get(arm(method, base["base_steps"]))
                 ax.plot(ks, [c["mean"] for c in cells], "o-", color=COLORS[method],
                         label=f"{NAMES[method]} (lr {rate:g})" if rate is not None else NAMES[method])
                 ax.fill_between(ks, [c["min"] for c in cells], [c["max"] for c in cells], color=COLORS[method],
