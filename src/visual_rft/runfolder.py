@@ -145,10 +145,15 @@ def run_artifacts(folder: str | Path) -> list[Path]:
                   if p.name in _RUN_FILES or (p.is_dir() and p.name.startswith(_RUN_DIRS)))
 
 
+def _held_run(folder: str | Path) -> list[Path]:
+    """What shows that `folder` holds a training run (a config.yaml alone does not: eval writes one)."""
+    return [p for p in run_artifacts(folder) if p.name != "config.yaml"]
+
+
 def check_fresh_run(folder: str | Path, setting: str, *, overwrite: bool) -> None:
     """A run started without --resume must not append to another run's logs and leave its
     checkpoints for `predict RUN` to pick up: refuse, or with `overwrite` clear them first."""
-    found = [p for p in run_artifacts(folder) if p.name != "config.yaml"]
+    found = _held_run(folder)
     if not found:
         return
     if not overwrite:
@@ -163,18 +168,19 @@ def check_fresh_run(folder: str | Path, setting: str, *, overwrite: bool) -> Non
 def check_eval_out(folder: str | Path, setting: str) -> None:
     """eval writes config.yaml, metrics.json and predictions.jsonl: into a training run's own folder it
     would replace that run's config.yaml (what --resume and predict read)."""
-    found = [p for p in run_artifacts(folder) if p.name != "config.yaml"]
+    found = _held_run(folder)
     if found:
         raise RunFolderError(f"{setting}={folder} holds a training run ({found[0].name}, ...): eval would replace its "
                              f"config.yaml; write the evaluation next to it with --out {Path(folder) / 'eval'}")
 
 
 # ------------------------------------------------------------------------------------ resume
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys (`grpo.optim.learning_rate`) with their leaf values."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -186,7 +192,7 @@ def harmless(key: str) -> bool:
 
 def config_changes(saved: dict[str, Any], requested: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, saved value, requested value) for every setting that differs, in key order."""
-    a, b = _flat(saved), _flat(requested)
+    a, b = flat(saved), flat(requested)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

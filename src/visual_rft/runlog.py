@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from visual_rft.config import Config, ConfigError, OutputConfig, _suggest, to_dict
-from visual_rft.runfolder import heartbeat
+from visual_rft.runfolder import flat, heartbeat
 
 # the package each tracker needs, and the extra that installs it
 _TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -71,17 +71,8 @@ def check_trackers(names: list[str]) -> None:
 
 def flat_config(cfg: Config) -> dict[str, Any]:
     """The config as dotted keys with scalar values (what TensorBoard hparams and MLflow params take)."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        else:
-            out[prefix] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node)
-
-    walk("", to_dict(cfg))
-    return out
+    return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+            for key, value in flat(to_dict(cfg)).items()}
 
 
 def start_trackers(accelerator: Any, cfg: Config, out_dir: Path) -> None:
