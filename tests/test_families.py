@@ -154,6 +154,69 @@ def test_packing_is_refused_where_it_would_be_wrong(family):
         assert can_pack(model, rollout)
 
 
+# ---- several images per prompt (issue 21, item 2): a batch mixing a 1-image and a 2-image prompt
+MIXED_PROMPTS = ["Which digit is this?", "Compare the two digits and name the larger one."]
+IMAGES_PER_ROW = [1, 2]
+
+
+def _mixed(processor):
+    """The mixed prompts once per group, and the same G-repeated batch built by the processor itself
+    (the independent reference for repeat_inputs)."""
+    digits = [r.load_image() for r in mnist_records(limit=3, size=56)]
+    images = [[digits[0]], [digits[1], digits[2]]]
+    group = dict(build_model_inputs(processor, images, MIXED_PROMPTS))
+    reference = dict(build_model_inputs(processor, [i for i in images for _ in range(G)],
+                                        [p for p in MIXED_PROMPTS for _ in range(G)]))
+    return group, reference
+
+
+def test_mixed_image_counts_score_like_a_plain_forward(family):
+    """The trainer's log-probs and gradients (packed where the family packs) on a batch mixing 1- and
+    2-image prompts equal a plain forward of the processor's own repeated batch."""
+    arch, _, model, processor, _ = family
+    group, reference = _mixed(processor)
+    image_id = model.config.to_dict().get("image_token_id", model.config.to_dict().get("image_token_index"))
+    tokens = (group["input_ids"] == image_id).sum(1).tolist()
+    # The second prompt carries both images' tokens; LLaVA-OneVision gives a prompt of several images
+    # each image's base view only (its anyres tiles are for single-image prompts), so fewer there.
+    assert tokens[0] > 0 and (tokens[1] == 2 * tokens[0] if arch != "llava_onevision" else tokens[1] > 0)
+    repeated = repeat_inputs(group, G, IMAGES_PER_ROW)
+    assert repeated.keys() == reference.keys()
+    for key, value in reference.items():
+        assert not torch.is_tensor(value) or torch.equal(repeated[key], value), key
+    rows = len(MIXED_PROMPTS) * G
+    ids, mask = _fixed_completions(model, processor, rows)
+    weights = torch.linspace(-1, 1, ids.numel()).view_as(ids)
+    rollout = Rollout([None] * rows, [""] * rows, repeated, ids, mask, [""] * rows, group_inputs=group, group_size=G)
+    assert can_pack(model, rollout) == fast_paths(model.config).packed_scoring  # the shortcut runs where it does
+    model.zero_grad()
+    fast = rollout_logprobs(model, rollout)
+    (fast * weights * mask).sum().backward()
+    fast_grads = _grads(model)
+    model.zero_grad()
+    logits = model(**scoring_inputs(reference, ids, mask)).logits[:, -ids.size(1) - 1:-1]
+    plain = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    (plain * weights * mask).sum().backward()
+    assert ((fast - plain).abs() * mask).max() < 1e-5
+    assert (fast_grads - _grads(model)).abs().max() < 1e-5 * max(1.0, fast_grads.abs().max().item())
+    model.zero_grad()
+
+
+def test_mixed_image_counts_generate_like_generate(family):
+    """Prefill-once and the plain fallback (the prompts repeated by repeat_inputs) both give
+    transformers' greedy tokens on the processor's repeated batch."""
+    arch, _, model, processor, _ = family
+    group, reference = _mixed(processor)
+    suppress, tok = vision_token_ids(processor, model.config), processor.tokenizer
+    assert prefill_once_blocker(model, group, G) is None
+    plain, plain_mask, _ = generate(model, tok, reference, max_new_tokens=6, temperature=0, suppress_ids=suppress)
+    for prefill in (True, False):
+        fast, fast_mask, _ = generate_grouped(model, tok, group, G, max_new_tokens=6, temperature=0,
+                                              suppress_ids=suppress, prefill_once=prefill,
+                                              images_per_row=IMAGES_PER_ROW)
+        assert torch.equal(fast * fast_mask, plain[:, :fast.size(1)] * plain_mask[:, :fast.size(1)]), prefill
+
+
 def test_default_box_space_per_family():
     assert default_box_space("qwen2_vl") == default_box_space("qwen3_vl") == "qwen2vl"
     assert default_box_space("qwen2_5_vl") == "pixels"

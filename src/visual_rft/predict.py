@@ -24,7 +24,7 @@ from visual_rft.rewards import task_module, task_parser, task_rewards
 from visual_rft.rl.advantages import group_advantages
 from visual_rft.rl.fast import generate_grouped
 from visual_rft.engine import make_accelerator
-from visual_rft.runtime import prompt_batch, record_image, resolve_box_space
+from visual_rft.runtime import prompt_batch, record_images, resolve_box_space
 from visual_rft.tasks.boxes import BoxSpace
 from visual_rft.tasks.prompts import build_prompt
 
@@ -63,7 +63,7 @@ def _image_record(image: str, cfg: Config, solution: str | None, fields: dict[st
     if not path.is_file():
         raise FileNotFoundError(f"image {image} does not exist")
     record = Record(image=path, problem="", solution=solution or "", source=str(path))
-    shown = record_image(record, cfg.data.image_size, cfg.data.max_image_pixels)  # ValueError naming the file if it does not decode
+    shown, = record_images(record, cfg.data.image_size, cfg.data.max_image_pixels)  # ValueError naming the file if it does not decode
     defaults: dict[str, Any] = {"image_size": list(shown.size)}
     if cfg.task.name == "detection":
         defaults["box_space"] = resolve_box_space(cfg)  # task.box_space, `auto` = the model family's

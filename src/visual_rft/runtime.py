@@ -106,9 +106,10 @@ def load_policy(cfg: Config, device: torch.device, path: str | Path | None = Non
     return model, processor
 
 
-def record_image(record: Record, size: int | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    image = record.load_image(max_pixels)
-    return image.resize((size, size), Image.BILINEAR) if size and image.size != (size, size) else image
+def record_images(record: Record, size: int | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Image.Image]:
+    """The record's images in prompt order, each resized to size x size when data.image_size is set."""
+    return [image.resize((size, size), Image.BILINEAR) if size and image.size != (size, size) else image
+            for image in record.load_images(max_pixels)]
 
 
 def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: torch.device,
@@ -116,7 +117,7 @@ def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: tor
     """Model inputs for `records`, one prompt each (GRPO reuses a prompt's prefill for its group)."""
     images, prompts = [], []
     for record in records:
-        images.append(record_image(record, cfg.data.image_size, cfg.data.max_image_pixels))
+        images.append(record_images(record, cfg.data.image_size, cfg.data.max_image_pixels))
         prompts.append(build_prompt(record, cfg.task))
     inputs = build_model_inputs(processor, images, prompts, system=cfg.task.system_prompt)
     length = inputs["input_ids"].size(1)

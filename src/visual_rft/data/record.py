@@ -16,9 +16,12 @@ from visual_rft.tasks.common import first_answer_dotall
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
+ImageLike = Image.Image | str | Path | bytes  # bytes: an undecodable image, kept for the data check to report
+
+
 @dataclass
 class Record:
-    """One labelled example: an image, the question about it and the verifiable solution.
+    """One labelled example: its image (or several, in prompt order), the question and the verifiable solution.
 
     `solution` is the string the verifier compares against, in Visual-RFT's layout
     (`<answer>garden phlox</answer>` for classification). `fields` carries task extras that the
@@ -26,35 +29,55 @@ class Record:
     `source` names where the record came from ("file.jsonl:12") so errors can point at it.
     """
 
-    image: Image.Image | str | Path | bytes  # bytes: an undecodable image, kept for the data check to report
+    image: ImageLike | list[ImageLike]  # a list: several images, one image slot each in the prompt
     problem: str
     solution: str
     fields: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
+    @property
+    def images(self) -> list[ImageLike]:
+        """The record's images in prompt order (one for most records)."""
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
+
+    def load_images(self, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Image.Image]:
+        """Every image as RGB, in prompt order (see load_image)."""
+        images = self.images
+        return [_load(image, self._where(i, len(images)), max_pixels) for i, image in enumerate(images)]
+
     def load_image(self, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-        """Return the image as RGB, opening it from disk when the record holds a path. An image over
-        `max_pixels` is refused from its header, before decoding, as the data check refuses it (a
+        """The record's one image as RGB, opening it from disk when the record holds a path. An image
+        over `max_pixels` is refused from its header, before decoding, as the data check refuses it (a
         decompression bomb stays a clear error with data.check=false too)."""
-        what = f"{len(self.image)} bytes" if isinstance(self.image, bytes) else self.image
-        try:
-            # In-memory images may be lazily decoded (loaders open bytes without decoding).
-            if isinstance(self.image, Image.Image):
-                _check_pixels(self.image, max_pixels, self.source or "image")
-                return to_rgb(self.image)
-            with open_image(self.image) as img:
-                _check_pixels(img, max_pixels, self.source or str(what))
-                img.load()
-                # copy: closing the file invalidates `img`, and to_rgb returns RGB images as-is.
-                return to_rgb(img.copy())
-        except ImageTooLarge:
-            raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # SyntaxError: corrupt chunks
-            raise ValueError(f"{self.source or what}: cannot open image {what}: {exc}") from exc
+        images = self.images
+        if len(images) != 1:
+            raise ValueError(f"{self.source or 'record'}: holds {len(images)} images; use load_images()")
+        return _load(images[0], self.source, max_pixels)
+
+    def _where(self, index: int, count: int) -> str:
+        return self.source if count == 1 else f"{self.source or 'record'} (image {index + 1} of {count})"
 
     def columns(self) -> dict[str, Any]:
         """The keyword columns a reward function receives for this record."""
         return {"solution": self.solution, "problem": self.problem, **self.fields}
+
+
+def _load(image: ImageLike, where: str, max_pixels: int) -> Image.Image:
+    what = f"{len(image)} bytes" if isinstance(image, bytes) else image
+    try:
+        # In-memory images may be lazily decoded (loaders open bytes without decoding).
+        if isinstance(image, Image.Image):
+            _check_pixels(image, max_pixels, where or "image")
+            return to_rgb(image)
+        with open_image(image) as img:
+            _check_pixels(img, max_pixels, where or str(what))
+            img.load()
+            # copy: closing the file invalidates `img`, and to_rgb returns RGB images as-is.
+            return to_rgb(img.copy())
+    except ImageTooLarge:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # SyntaxError: corrupt chunks
+        raise ValueError(f"{where or what}: cannot open image {what}: {exc}") from exc
 
 
 def answer_text(solution: str) -> str:

@@ -218,8 +218,8 @@ def vision_token_ids(processor, config=None) -> list[int]:
     return sorted(ids)
 
 
-def _messages(prompt: str, *, system: str | None, image: bool) -> list[dict]:
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+def _messages(prompt: str, *, system: str | None, images: int) -> list[dict]:
+    content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
@@ -227,9 +227,10 @@ def _messages(prompt: str, *, system: str | None, image: bool) -> list[dict]:
 
 
 def chat_text(
-    processor, prompt: str, answer: str | None = None, *, system: str | None = None, image: bool = True
+    processor, prompt: str, answer: str | None = None, *, system: str | None = None, images: int = 1
 ) -> str:
-    """One user turn (image, then text) + the assistant header; with `answer`, the answer and its end.
+    """One user turn (`images` image slots, then the text) + the assistant header; with `answer`, the
+    answer and its end.
 
     The answer is appended to the generation prompt rather than rendered by the template, so the
     prompt part is byte-identical to what generation sees (SFT masks exactly those tokens).
@@ -238,7 +239,7 @@ def chat_text(
     # apply_chat_template, which in some families (SmolVLM) reads the video processor we leave out.
     tokenizer = getattr(processor, "tokenizer", processor)
     text = tokenizer.apply_chat_template(
-        _messages(prompt, system=system, image=image), add_generation_prompt=True, tokenize=False,
+        _messages(prompt, system=system, images=images), add_generation_prompt=True, tokenize=False,
         chat_template=getattr(processor, "chat_template", None),
     )
     if answer is None:
@@ -250,13 +251,13 @@ def chat_text(
 def build_model_inputs(
     processor, images: list, prompts: list[str], *, system: str | None = None
 ) -> BatchFeature:
-    """Left-padded model inputs for one image + one prompt per row (input_ids, attention_mask,
-    pixel_values, and the family's extras: image_grid_thw / mm_token_type_ids for the Qwen-VL
-    families, image_sizes, pixel_attention_mask, token_type_ids ...)."""
+    """Left-padded model inputs for one prompt per row, each with its image or its list of images in
+    prompt order (rows may differ in image count): input_ids, attention_mask, pixel_values, and the
+    family's extras: image_grid_thw / mm_token_type_ids for the Qwen-VL families, image_sizes,
+    pixel_attention_mask, token_type_ids ..."""
     if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; need one image per prompt")
-    texts = [chat_text(processor, prompt, system=system) for prompt in prompts]
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; need one image (or list) per prompt")
+    nested = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+    texts = [chat_text(processor, prompt, system=system, images=len(row)) for prompt, row in zip(prompts, nested)]
     # Nested per prompt: Gemma 3 and SmolVLM need it, every other family accepts it.
-    return processor(
-        images=[[image] for image in images], text=texts, padding=True, padding_side="left", return_tensors="pt"
-    )
+    return processor(images=nested, text=texts, padding=True, padding_side="left", return_tensors="pt")

@@ -118,33 +118,50 @@ def scoring_inputs(prompt_inputs: dict[str, torch.Tensor], completion_ids: torch
 _GRIDS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
 
-def _pixel_blocks(inputs: dict[str, torch.Tensor], key: str, rows: int) -> list[torch.Tensor]:
-    """`inputs[key]` split into one block per prompt row (one image per row).
+def _image_blocks(inputs: dict[str, torch.Tensor], key: str, counts: list[int]) -> list[torch.Tensor]:
+    """`inputs[key]` split into one block per prompt row, row r holding `counts[r]` images.
 
     Qwen-VL / GLM-4V put all images' patches back to back (image i has prod(image_grid_thw[i]) rows);
-    InternVL stacks its tiles (equal counts per image when tiling is off or uniform); Gemma 3, SmolVLM
-    and LLaVA-OneVision already have one leading entry per image.
+    Gemma 3 and LLaVA-OneVision have one leading entry per image, InternVL one per tile (equal counts
+    per image when tiling is off or uniform); SmolVLM one per prompt row (its images padded per row).
     """
     value, grid = inputs[key], inputs.get(_GRIDS.get(key, ""))
+    rows, images = len(counts), sum(counts)
     if grid is not None:
-        return list(value.split(grid.prod(-1).tolist()))
-    if value.size(0) % rows:
-        raise ValueError(f"cannot tell which of the {value.size(0)} {key} rows belong to which of {rows} prompts "
+        per_image = value.split(grid.prod(-1).tolist())
+    elif value.size(0) == rows:  # one entry per row (also: one image per row, every layout)
+        return list(value.split(1))
+    elif value.size(0) % images == 0:
+        per_image = value.split(value.size(0) // images)
+    else:
+        raise ValueError(f"cannot tell which of the {value.size(0)} {key} rows belong to which of {images} images "
                          "(images tiled into different numbers of tiles): turn tiling off in the image processor")
-    return list(value.split(value.size(0) // rows))
+    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    return [torch.cat(per_image[start:end]) for start, end in zip(bounds, bounds[1:])]
 
 
-def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, torch.Tensor]:
-    """Processor output with every row repeated `repeats` times in a row, images included
-    (pixel values per image block, whatever the family's layout: see _pixel_blocks)."""
+def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int,
+                  images_per_row: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Processor output with every row repeated `repeats` times in a row, images included.
+
+    `images_per_row` (default: one each) tells which images belong to which prompt: per-image tensors
+    (pixel values whatever the family's layout, image grids, image sizes; see _image_blocks) are
+    repeated per row's block of images, per-row tensors row by row.
+    """
     if repeats == 1:
         return dict(inputs)
     rows = inputs["input_ids"].size(0)
+    counts = list(images_per_row) if images_per_row is not None else [1] * rows
+    if len(counts) != rows or min(counts) < 1:
+        raise ValueError(f"images_per_row {counts} does not give every one of the {rows} prompts an image")
+    images = sum(counts)
     out = {}
     for key, value in inputs.items():
-        if key in _GRIDS and torch.is_tensor(value):
-            out[key] = torch.cat([b for b in _pixel_blocks(inputs, key, rows) for _ in range(repeats)])
-        elif torch.is_tensor(value) and value.dim() >= 1 and value.size(0) == rows:
+        if not torch.is_tensor(value) or value.dim() == 0:
+            out[key] = value
+        elif key in _GRIDS or (value.size(0) == images != rows):
+            out[key] = torch.cat([b for b in _image_blocks(inputs, key, counts) for _ in range(repeats)])
+        elif value.size(0) == rows:
             out[key] = value.repeat_interleave(repeats, dim=0)
         else:
             out[key] = value

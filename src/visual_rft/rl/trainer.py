@@ -83,18 +83,19 @@ class GRPOTrainer:
         g = self.g.num_generations
         group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
                                       max_prompt_length=self.g.max_prompt_length)
+        images_per_row = [len(record.images) for record in batch]
         prefill = self.fast and self._shortcut("prefill_once", prefill_once_blocker(self.model, group, g))
         sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(self.accelerator.device)
         with self.engine.generation_weights(self.model) as policy:  # ZeRO-3 / FSDP: gather once
             ids, mask, texts = generate_grouped(
                 policy, self.processor.tokenizer, group, g, max_new_tokens=self.g.max_completion_length,
                 temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
-                sampler=sampler, prefill_once=prefill,
+                sampler=sampler, prefill_once=prefill, images_per_row=images_per_row,
             )
             eos = torch.tensor(eos_token_ids(policy, self.processor.tokenizer), device=ids.device)
         records = [r for r in batch for _ in range(g)]
         prompts = [p for p in prompts for _ in range(g)]
-        rollout = Rollout(records, prompts, repeat_inputs(group, g), ids, mask, texts, group_inputs=group,
+        rollout = Rollout(records, prompts, repeat_inputs(group, g, images_per_row), ids, mask, texts, group_inputs=group,
                           group_size=g, temperature=self.g.temperature,
                           truncated=~torch.isin(ids, eos).any(dim=1).cpu())
         # Without prefill-once, transformers' generate draws by multinomial whatever the setting.
