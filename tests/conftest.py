@@ -8,6 +8,7 @@ import torch
 from visual_rft.config import load_config
 from visual_rft.data.embedded import mnist_records
 from visual_rft.data.fewshot import sample_k_shot, write_split
+from visual_rft.data.record import Record
 from visual_rft.models.tiny import build_tiny_model
 
 DEMO_CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
@@ -23,6 +24,21 @@ def digits_jsonl(tmp_path_factory) -> Path:
     """20 real digits (2 per class) written as a reusable split."""
     records = sample_k_shot(mnist_records(limit=200, size=56), 2, seed=0)
     return write_split(records, tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def pairs_jsonl(tmp_path_factory):
+    """12 records: comparison questions over pairs of real digits (two images each), mixed with
+    single-digit questions (one image)."""
+    digits = mnist_records(limit=12, size=56)
+    records = []
+    for i in range(0, 12, 2):
+        a, b = digits[i], digits[i + 1]
+        larger = max(a.fields["label"], b.fields["label"])
+        records.append(Record([a.load_image(), b.load_image()], "Which of the two digits is larger?",
+                              f"<answer>{larger}</answer>", {"label": larger}, f"pair{i}"))
+        records.append(Record(a.load_image(), "Which digit is this?", a.solution, {"label": a.fields["label"]}, f"one{i}"))
+    return write_split(records, tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.fixture

@@ -223,9 +223,10 @@ def test_default_box_space_per_family():
     assert default_box_space("some_new_family") == "qwen2vl"
 
 
-def test_two_grpo_steps_and_evaluation_from_the_cli(family, digits_jsonl, tmp_path, capsys):
+def test_two_grpo_steps_and_evaluation_from_the_cli(family, pairs_jsonl, tmp_path, capsys):
+    """On records mixing one and two images per question (pair, one, pair, one)."""
     arch, path, *_ = family
-    common = [f"model.name_or_path={path}", f"data.train={digits_jsonl}", f"data.eval={digits_jsonl}",
+    common = [f"model.name_or_path={path}", f"data.train={pairs_jsonl}", f"data.eval={pairs_jsonl}",
               "data.limit=4", "output.progress=false", "eval.max_new_tokens=6", "eval.batch_size=4"]
     assert main(["train", str(DEMO_CONFIG), *common, f"output.dir={tmp_path / 'run'}", "grpo.num_generations=2",
                  "grpo.per_device_batch_size=2", "grpo.max_completion_length=6", "grpo.max_steps=2",

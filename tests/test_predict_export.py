@@ -199,3 +199,18 @@ def test_lora_checkpoints_load_through_load_policy_so_resume_is_exact(runs, tmp_
     fresh = load_file(runs["lora"] / "checkpoint-2" / "model" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "checkpoint-2" / "model" / "adapter_model.safetensors")
     assert fresh.keys() == resumed.keys() and all(torch.equal(fresh[k], resumed[k]) for k in fresh)
+
+
+def test_predict_asks_about_several_images_as_eval_does(runs, tmp_path, capsys):
+    source, cfg, model, processor = _run_model(runs["full"])
+    first, second = load_split(cfg, "train")[:2]
+    pair = Record(image=[first.image, second.image], problem="", solution=first.solution)
+    (row,) = predict(model, processor, [pair], cfg, torch.device("cpu"), progress=False)  # eval's own path
+    both = predict_image(str(runs["full"]), [str(first.image), str(second.image)])
+    assert both["samples"][0]["completion"] == row["completion"]
+    inputs, _ = prompt_batch([pair], cfg, processor, torch.device("cpu"))
+    assert inputs["image_grid_thw"].size(0) == 2
+    assert main(["predict", str(runs["full"]), str(first.image), "--image", str(second.image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"][0]["completion"] == row["completion"]
+    with pytest.raises(ValueError, match="detection asks about one image"):
+        predict_image(str(runs["full"]), [str(first.image), str(second.image)], task="detection", question="q")

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="ask a model (a run, checkpoint, LoRA run or hub id) about one image")
     p.add_argument("model", help="run directory (latest checkpoint), checkpoint-N[/model], model directory or hub id")
     p.add_argument("image", help="the image file to ask about")
+    p.add_argument("--image", dest="more_images", action="append", default=[], metavar="IMAGE",
+                   help="another image, after IMAGE in the prompt (repeat for more; classification only)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (on the run's own config)")
     p.add_argument("--question", help="the question (default: the run's task.question; task.instruction is appended)")
     p.add_argument("--task", choices=["classification", "detection", "grounding"], help="default: the run's task")
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> object:
         return report_command(args.runs, args.out)
     if args.command == "predict":
         from visual_rft.predict import format_prediction, predict_image
-        result = predict_image(args.model, args.image, question=args.question, task=args.task, samples=args.samples,
+        result = predict_image(args.model, [args.image, *args.more_images], question=args.question, task=args.task, samples=args.samples,
                                temperature=args.temperature, solution=args.solution, out=args.out, fields=args.field,
                                config=args.config, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
                                seed=args.seed)

@@ -1,4 +1,4 @@
-"""`visual-rft predict`: ask a model about one image, with the prompt building, generation,
+"""`visual-rft predict`: ask a model about one image (or several), with the prompt building, generation,
 parsing and rewards of training and eval (no copies of them here).
 
 One sample decodes greedily, as `eval` does; `--samples N` draws a group the way GRPO does
@@ -56,15 +56,19 @@ def predict_config(spec: str, *, task: str | None, question: str | None, config:
     return source, cfg
 
 
-def _image_record(image: str, cfg: Config, solution: str | None, fields: dict[str, Any]) -> Record:
-    """The one record: the image's frame and the task's box space as fields, checked like data is
-    (the image decodes, the solution parses) before any model loads."""
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {image} does not exist")
-    record = Record(image=path, problem="", solution=solution or "", source=str(path))
-    shown, = record_images(record, cfg.data.image_size, cfg.data.max_image_pixels)  # ValueError naming the file if it does not decode
-    defaults: dict[str, Any] = {"image_size": list(shown.size)}
+def _image_record(images: list[str], cfg: Config, solution: str | None, fields: dict[str, Any]) -> Record:
+    """The one record: its image (or images, in prompt order), the image's frame and the task's box
+    space as fields, checked like data is (every image decodes, the solution parses) before any model loads."""
+    paths = [Path(image) for image in images]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+    if len(paths) > 1 and cfg.task.name in BOX_TASKS:
+        raise ValueError(f"{cfg.task.name} asks about one image (boxes live in its frame); got {len(paths)} images")
+    record = Record(image=paths[0] if len(paths) == 1 else paths, problem="", solution=solution or "",
+                    source=", ".join(map(str, paths)))
+    shown = record_images(record, cfg.data.image_size, cfg.data.max_image_pixels)  # ValueError naming the file if it does not decode
+    defaults: dict[str, Any] = {"image_size": list(shown[0].size)}
     if cfg.task.name == "detection":
         defaults["box_space"] = resolve_box_space(cfg)  # task.box_space, `auto` = the model family's
     record.fields = {**defaults, **fields}
@@ -127,16 +131,17 @@ def _draw(cfg: Config, record: Record, answers: list[Any], out: Path) -> Path:
     return out
 
 
-def predict_image(spec: str, image: str, *, question: str | None = None, task: str | None = None,
+def predict_image(spec: str, image: str | list[str], *, question: str | None = None, task: str | None = None,
                   samples: int = 1, temperature: float | None = None, solution: str | None = None,
                   out: str | None = None, fields: list[str] | None = None, config: str | None = None,
                   overrides: list[str] | None = None, max_new_tokens: int | None = None,
                   seed: int = 0) -> dict[str, Any]:
     """Everything cheap is checked first (image, solution, settings); then the model loads."""
     source, cfg = predict_config(spec, task=task, question=question, config=config, overrides=overrides or [])
-    record = _image_record(image, cfg, solution, parse_fields(fields or []))
+    images = [image] if isinstance(image, str) else list(image)
+    record = _image_record(images, cfg, solution, parse_fields(fields or []))
     temperature, max_new_tokens = _sample_settings(cfg, samples, temperature, max_new_tokens)
-    out_path = Path(out) if out else (Path(f"{Path(image).stem}.boxes.png") if cfg.task.name in BOX_TASKS else None)
+    out_path = Path(out) if out else (Path(f"{Path(images[0]).stem}.boxes.png") if cfg.task.name in BOX_TASKS else None)
     device = make_accelerator(cfg).device
     model, processor = load_source(source, cfg, device)
     inputs, prompts = prompt_batch([record], cfg, processor, device, max_prompt_length=cfg.grpo.max_prompt_length)

@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from visual_rft.data.errors import DataError
-from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, Record, answer_text, open_image
+from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, ImageLike, Record, answer_text, open_image
 from visual_rft.rewards import task_module
 
 # Larger images are refused rather than decoded: a 100k x 100k PNG would take the machine's memory.
@@ -40,7 +40,16 @@ class CheckReport:
 
 
 def _image_problem(record: Record, max_pixels: int, modes: dict[str, int]) -> str | None:
-    image = record.image
+    """The first problem among the record's images (each one checked), naming which image when it has several."""
+    images = record.images
+    for index, image in enumerate(images):
+        problem = _one_image_problem(image, max_pixels, modes)
+        if problem is not None:
+            return problem if len(images) == 1 else f"image {index + 1} of {len(images)}: {problem}"
+    return None
+
+
+def _one_image_problem(image: ImageLike, max_pixels: int, modes: dict[str, int]) -> str | None:
     try:
         if not isinstance(image, Image.Image):
             with open_image(image) as opened:
@@ -52,7 +61,7 @@ def _image_problem(record: Record, max_pixels: int, modes: dict[str, int]) -> st
             modes[image.mode] = modes.get(image.mode, 0) + 1
             if image.size[0] * image.size[1] > max_pixels:
                 return f"image is {image.size[0]}x{image.size[1]}, over the limit of {max_pixels:,} pixels"
-        rgb = record.load_image()  # the full decode, with the same mode conversion training uses
+        rgb = Record(image, "", "").load_image()  # the full decode, with the same mode conversion training uses
     except (ValueError, OSError, Image.DecompressionBombError) as exc:
         return f"image does not decode: {exc}"
     if rgb.size[0] < 1 or rgb.size[1] < 1:

@@ -136,9 +136,13 @@ def write_split(
         clash = _RESERVED & set(record.fields)
         if clash:
             raise DataError(f"{record.source}: field(s) {sorted(clash)} clash with the row columns")
-        relative = f"images/{number:06d}.png"
-        record.load_image().save(out / relative, format="PNG")
-        row = {"image": relative, "problem": record.problem, "solution": record.solution, **record.fields}
+        images = record.load_images()
+        names = [f"images/{number:06d}.png"] if len(images) == 1 else [
+            f"images/{number:06d}_{i}.png" for i in range(1, len(images) + 1)]
+        for image, relative in zip(images, names):
+            image.save(out / relative, format="PNG")
+        where = {"image": names[0]} if len(names) == 1 else {"images": names}
+        row = {**where, "problem": record.problem, "solution": record.solution, **record.fields}
         try:
             lines.append(json.dumps(row, ensure_ascii=False))
         except TypeError as exc:

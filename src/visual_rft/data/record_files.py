@@ -124,20 +124,34 @@ def _row_to_record(row: Any, source: str, base: Path, task: str, class_names: di
     if task == "classification":
         label = fields.get("label")
         fields["label"] = str(label).strip() if label is not None else answer_text(solution)
-    image = _resolve_image(_image_value(row, source), source, base)
+    value = _image_value(row, source, task)
+    image = ([_resolve_image(v, f"{source} (image {i})", base) for i, v in enumerate(value, start=1)]
+             if isinstance(value, list) else _resolve_image(value, source, base))
     return Record(image=image, problem=problem, solution=solution, fields=fields, source=source)
 
 
-def _image_value(row: dict, source: str) -> Any:
+def _image_value(row: dict, source: str, task: str) -> Any:
+    """The row's image, or its list of images (`images: [...]`, as TRL / EasyR1 / VLM-R1 lay them out)."""
     if row.get("image") is not None:
+        if row.get("images"):
+            raise DataError(f"{source}: row has both 'image' and 'images'; keep one")
         return row["image"]
     images = row.get("images")
-    # TRL-style datasets keep a list of images; Visual-RFT's tasks use exactly one per example.
-    if isinstance(images, list) and len(images) == 1 and images[0] is not None:
-        return images[0]
-    if isinstance(images, list) and len(images) > 1:
-        raise DataError(f"{source}: row has {len(images)} images; one image per record is supported")
-    raise DataError(f"{source}: row has no 'image'")
+    if images is None:
+        raise DataError(f"{source}: row has no 'image' (or 'images' list)")
+    if not isinstance(images, (list, tuple)) or not images:
+        raise DataError(f"{source}: 'images' must be a non-empty list of images, got {_kind(images)}")
+    if any(image is None for image in images):
+        raise DataError(f"{source}: 'images' item {[i is None for i in images].index(True) + 1} is empty")
+    if len(images) > 1 and task != "classification":
+        # Boxes are in one image's frame (image_size, box_space): a second image has no frame of its own here.
+        raise DataError(f"{source}: row has {len(images)} images; {task} records hold one image "
+                        "(several images per record are supported for classification)")
+    return images[0] if len(images) == 1 else list(images)
+
+
+def _kind(value: Any) -> str:
+    return "an empty list" if isinstance(value, (list, tuple)) else type(value).__name__
 
 
 def _resolve_image(value: Any, source: str, base: Path) -> Image.Image | Path | bytes:

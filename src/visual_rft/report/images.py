@@ -31,7 +31,7 @@ _BAD_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 @dataclass
 class Found:
-    path: Path | None = None
+    path: Path | list[Path] | None = None  # a list: a record with several images, all shown side by side
     row: dict[str, Any] = field(default_factory=dict)  # the data row (box_space, image_size, ...)
     record: Any = None  # a loaded data.record.Record, for images held in the data (parquet / arrow bytes)
 
@@ -77,7 +77,7 @@ class ImageFinder:
                 wanted.setdefault(target[0], {}).setdefault(target[1], []).append(source)
         for path, lines in wanted.items():
             for number, row in _rows_at(path, set(lines)):
-                image = _image_path(row.get("image"), path.parent)
+                image = _image_path(row.get("image") or row.get("images"), path.parent)
                 for source in lines[number]:
                     self.cache[source] = Found(image, row)
         missing = {s for s in asked if self.cache[s].image is None}
@@ -96,8 +96,8 @@ class ImageFinder:
             for record in _load_quietly(spec):
                 if record.source in missing:
                     missing.discard(record.source)
-                    self.cache[record.source] = Found(record.image if isinstance(record.image, Path) else None,
-                                                      dict(record.fields), record)
+                    on_disk = all(isinstance(image, Path) for image in record.images)
+                    self.cache[record.source] = Found(record.image if on_disk else None, dict(record.fields), record)
 
     def _locate(self, source: str) -> Path | tuple[Path, int] | None:
         direct = self._file(source)
@@ -176,7 +176,10 @@ def _rows_at(path: Path, numbers: set[int]) -> Iterable[tuple[int, dict[str, Any
         return
 
 
-def _image_path(value: Any, base: Path) -> Path | None:
+def _image_path(value: Any, base: Path) -> Path | list[Path] | None:
+    if isinstance(value, list):  # a row's `images`: every one of them, or none
+        paths = [_image_path(item, base) for item in value]
+        return paths if paths and all(isinstance(p, Path) for p in paths) else None
     if isinstance(value, dict):  # HF image feature {"bytes", "path"}: only the path is usable here
         value = value.get("path")
     if not isinstance(value, str) or not value:
@@ -245,6 +248,41 @@ def to_pixels(box: Sequence[Any], boxes: Boxes, width: int, height: int) -> Box 
 
 # ---------------------------------------------------------------- drawing
 
+def _open_all(path: Any) -> list[Image.Image]:
+    """The RGB images behind `path`: an image file, a list of them, or a data Record (bytes, in-memory
+    images or files; all of a multi-image record's)."""
+    if hasattr(path, "load_images"):
+        return path.load_images()
+    images = []
+    for one in path if isinstance(path, list) else [path]:
+        with Image.open(one) as img:
+            img.load()
+            images.append(img.convert("RGB"))
+    return images
+
+
+def _scale(img: Image.Image) -> float:
+    width, height = img.size
+    return min(DISPLAY_MAX / max(width, height), max(1.0, DISPLAY_MIN / max(width, height)))
+
+
+def _display(img: Image.Image) -> Image.Image:
+    """The image at display size: small digits scaled up (nearest), large photos down."""
+    scale = _scale(img)
+    return img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
+                      Image.NEAREST if scale > 1 else Image.LANCZOS)
+
+
+def _side_by_side(images: list[Image.Image], gap: int = 6) -> Image.Image:
+    strip = Image.new("RGB", (sum(i.size[0] for i in images) + gap * (len(images) - 1),
+                              max(i.size[1] for i in images)), "white")
+    x = 0
+    for img in images:
+        strip.paste(img, (x, 0))
+        x += img.size[0] + gap
+    return strip
+
+
 def png_uri(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
@@ -266,18 +304,14 @@ def draw_image(path: Any, boxes: Boxes | None = None, pred_colors: Sequence[str]
     if path is None:
         return None
     try:
-        if hasattr(path, "load_image"):  # a data Record: bytes, an in-memory image or a file
-            img = path.load_image()
-        else:
-            with Image.open(path) as img:
-                img.load()
-                img = img.convert("RGB")
+        images = _open_all(path)
     except _BAD_IMAGE:
         return None
+    if len(images) > 1:  # several images: side by side, in prompt order (no boxes: box tasks hold one image)
+        return _side_by_side([_display(img) for img in images])
+    img = images[0]
     width, height = img.size
-    scale = min(DISPLAY_MAX / max(width, height), max(1.0, DISPLAY_MIN / max(width, height)))
-    shown = img.resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                       Image.NEAREST if scale > 1 else Image.LANCZOS)
+    shown, scale = _display(img), _scale(img)
     if boxes is not None:
         draw = ImageDraw.Draw(shown)
         for color, pred in zip(pred_colors, preds):
