@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (several: compared side by side)")
     p.add_argument("--out", help="HTML file (default: RUNS[0]/report.html)")
 
-    p = sub.add_parser("predict", help="ask a model (a run, checkpoint, LoRA run or hub id) about one image")
+    p = sub.add_parser("predict", help="ask a model (a run, checkpoint, LoRA run or hub id) about an image (or several)")
     p.add_argument("model", help="run directory (latest checkpoint), checkpoint-N[/model], model directory or hub id")
     p.add_argument("image", help="the image file to ask about")
     p.add_argument("--image", dest="more_images", action="append", default=[], metavar="IMAGE",
