@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (several: compared side by side)")
     p.add_argument("--out", help="HTML file (default: RUNS[0]/report.html)")
 
-    p = sub.add_parser("predict", help="ask a model (a run, checkpoint, LoRA run or hub id) about an image (or several)")
+    p = sub.add_parser("predict", help="ask a model (a run, checkpoint, LoRA run or hub id) about an image or several")
     p.add_argument("model", help="run directory (latest checkpoint), checkpoint-N[/model], model directory or hub id")
     p.add_argument("image", help="the image file to ask about")
     p.add_argument("--image", dest="more_images", action="append", default=[], metavar="IMAGE",
@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> object:
         return report_command(args.runs, args.out)
     if args.command == "predict":
         from visual_rft.predict import format_prediction, predict_image
-        result = predict_image(args.model, [args.image, *args.more_images], question=args.question, task=args.task, samples=args.samples,
+        images = [args.image, *args.more_images]
+        result = predict_image(args.model, images, question=args.question, task=args.task, samples=args.samples,
                                temperature=args.temperature, solution=args.solution, out=args.out, fields=args.field,
                                config=args.config, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
                                seed=args.seed)

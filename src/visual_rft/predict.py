@@ -67,7 +67,8 @@ def _image_record(images: list[str], cfg: Config, solution: str | None, fields: 
         raise ValueError(f"{cfg.task.name} asks about one image (boxes live in its frame); got {len(paths)} images")
     record = Record(image=paths[0] if len(paths) == 1 else paths, problem="", solution=solution or "",
                     source=", ".join(map(str, paths)))
-    shown = record_images(record, cfg.data.image_size, cfg.data.max_image_pixels)  # ValueError naming the file if it does not decode
+    # a ValueError naming the file if one does not decode
+    shown = record_images(record, cfg.data.image_size, cfg.data.max_image_pixels)
     defaults: dict[str, Any] = {"image_size": list(shown[0].size)}
     if cfg.task.name == "detection":
         defaults["box_space"] = resolve_box_space(cfg)  # task.box_space, `auto` = the model family's

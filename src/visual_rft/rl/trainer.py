@@ -95,7 +95,8 @@ class GRPOTrainer:
             eos = torch.tensor(eos_token_ids(policy, self.processor.tokenizer), device=ids.device)
         records = [r for r in batch for _ in range(g)]
         prompts = [p for p in prompts for _ in range(g)]
-        rollout = Rollout(records, prompts, repeat_inputs(group, g, images_per_row), ids, mask, texts, group_inputs=group,
+        repeated = repeat_inputs(group, g, images_per_row)
+        rollout = Rollout(records, prompts, repeated, ids, mask, texts, group_inputs=group,
                           group_size=g, temperature=self.g.temperature,
                           truncated=~torch.isin(ids, eos).any(dim=1).cpu())
         # Without prefill-once, transformers' generate draws by multinomial whatever the setting.
