@@ -276,7 +276,7 @@ def test_gradient_checkpointing_still_backpropagates(tiny_dir, lora):
 
 
 def test_mismatched_images_and_prompts(loaded):
-    with pytest.raises(ValueError, match="one image \(or list\) per prompt"):
+    with pytest.raises(ValueError, match=r"one image \(or list\) per prompt"):
         build_model_inputs(loaded[1], _images(1), PROMPTS)
 
 
