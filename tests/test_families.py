@@ -146,11 +146,10 @@ def test_packing_is_refused_where_it_would_be_wrong(family):
         assert ((packed - plain).abs() * mask).max() > 1e-4
     if not paths.packed_scoring:
         assert not can_pack(model, rollout)
-    if arch == "gemma3":  # its own masks: bidirectional inside an image, sliding windows
-        assert not can_pack(model, rollout) and "sliding-window" in paths.packing_reason
-    if arch in ("internvl", "smolvlm", "llava_onevision"):
+    if arch in ("internvl", "smolvlm", "llava_onevision", "gemma3"):
         # 1-D positions restart per completion after the shared prompt (issue 19, item 2): packing
-        # runs, and test_trainer_logprobs_and_gradients_equal_a_plain_forward checks it
+        # runs, and test_trainer_logprobs_and_gradients_equal_a_plain_forward checks it (Gemma 3 with
+        # its own per-layer-type masks: test_gemma3_packed_scoring_with_a_window_shorter_than_the_prompt)
         assert can_pack(model, rollout)
 
 
@@ -327,3 +326,52 @@ def test_gemma3_prefill_once_with_a_window_shorter_than_the_prompt():
         assert torch.equal(fast * fast_mask, plain[:, :fast.size(1)] * plain_mask[:, :fast.size(1)])
         if temperature == 0:
             assert not torch.equal(plain, wide)  # the window is in effect
+
+
+@pytest.mark.parametrize("window, needed", [(None, "blocks"), (8, "window")])
+def test_gemma3_packed_scoring_carries_its_window_and_image_blocks(window, needed):
+    """Packed scoring for Gemma 3 carries a mask per layer type: its sliding window measured as in the
+    plain row, and each image's tokens attending both ways. With the tiny model's window (64, longer
+    than the row) and with a window of 8 (shorter than the prompt), log-probs and gradients equal a
+    plain forward; and the masks without the image blocks (wide window) or without the window (window
+    8: there the images are out of the completions' reach) would not."""
+    from visual_rft.models.tiny import make_tiny_model
+    from visual_rft.rl import fast
+
+    model, processor = make_tiny_model(seed=0, arch="gemma3")
+    processor.tokenizer.padding_side = "left"
+    # The tiny vision tower gives all tokens of an image the same feature, which makes attention
+    # inside an image nearly moot: spread them (the same model for both paths) so the blocks count.
+    model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, out: out + torch.linspace(-2, 2, out.size(1))[None, :, None])
+    group, reference = _mixed(processor)
+    if window is not None:
+        _set_sliding_window(model, window)
+        assert group["input_ids"].size(1) > window
+    rows = len(MIXED_PROMPTS) * G
+    ids, mask = _fixed_completions(model, processor, rows)
+    rollout = Rollout([None] * rows, [""] * rows, repeat_inputs(group, G, IMAGES_PER_ROW), ids, mask, [""] * rows,
+                      group_inputs=group, group_size=G)
+    assert can_pack(model, rollout)
+    weights = torch.linspace(-1, 1, ids.numel()).view_as(ids)
+    model.zero_grad()
+    packed = rollout_logprobs(model, rollout)
+    (packed * weights * mask).sum().backward()
+    packed_grads = _grads(model)
+    model.zero_grad()
+    logits = model(**scoring_inputs(reference, ids, mask)).logits[:, -ids.size(1) - 1:-1]
+    plain = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    (plain * weights * mask).sum().backward()
+    assert ((packed - plain).abs() * mask).max() < 1e-5
+    assert (packed_grads - _grads(model)).abs().max() < 1e-5 * max(1.0, packed_grads.abs().max().item())
+    model.zero_grad()
+    assert set(fast.packed_masks(model, group, G, mask.reshape(len(MIXED_PROMPTS), -1))) == {
+        "full_attention", "sliding_attention"}
+    stock = fast._group_mask
+    fast._group_mask = lambda *a, **k: stock(*a, **{**k, needed: None})
+    try:
+        with torch.no_grad():
+            wrong = rollout_logprobs(model, rollout)
+    finally:
+        fast._group_mask = stock
+    assert ((wrong - plain).abs() * mask).max() > 1e-4

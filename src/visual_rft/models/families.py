@@ -31,6 +31,9 @@ class Family:
     # "module:Class" of an image processor to load explicitly, where AutoImageProcessor cannot find the PIL
     # one without torchvision (transformers 5.17 marks SmolVLMImageProcessorPil as needing torchvision)
     image_processor: str | None = None
+    # The forward takes a {layer type: 4-D mask} dict (transformers' mask mapping), so a packed row can
+    # carry its own sliding-window and bidirectional-image masks (rl/fast.packed_masks)
+    mask_mapping: bool = False
 
 
 _QWEN_RELATIVE = "Qwen2-VL / Qwen3-VL grounding data is 0-1000 relative"
@@ -46,7 +49,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_5": Family("Qwen3VLProcessor", "qwen2vl", "Qwen3.5 keeps Qwen3-VL's 0-1000 relative boxes", True),
     "glm4v": Family("Glm4vProcessor", "qwen2vl", "GLM-4V answers boxes in 0-1000 relative coordinates", True),
     "internvl": Family("InternVLProcessor", "qwen2vl", "InternVL's grounding data is 0-1000 relative", False),
-    "gemma3": Family("Gemma3Processor", "qwen2vl", "Gemma 3: " + _NO_CONVENTION, False),
+    "gemma3": Family("Gemma3Processor", "qwen2vl", "Gemma 3: " + _NO_CONVENTION, False, mask_mapping=True),
     "smolvlm": Family("SmolVLMProcessor", "qwen2vl", "SmolVLM: " + _NO_CONVENTION, False,
                       "transformers.models.smolvlm.image_processing_pil_smolvlm:SmolVLMImageProcessorPil"),
     "llava_onevision": Family("LlavaOnevisionProcessor", "qwen2vl", "LLaVA-OneVision: " + _NO_CONVENTION, False),
@@ -206,7 +209,7 @@ def fast_paths(config: Any) -> FastPaths:
         pack_reason = (f"{config.model_type} has non-attention layers ({', '.join(recurrent)}): packed "
                        "completions would share their recurrent state")
     text = config.get_text_config()
-    if "sliding_attention" in (getattr(text, "layer_types", None) or []):
+    if "sliding_attention" in (getattr(text, "layer_types", None) or []) and not (entry and entry.mask_mapping):
         pack = False
         pack_reason = pack_reason or f"{config.model_type}: sliding-window layers ignore the packed 4-D mask"
     return FastPaths(prefill, pack, prefill_reason, pack_reason)

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from visual_rft.engine import unwrap_model
-from visual_rft.models.families import fast_paths, uses_mrope
+from visual_rft.models.families import family, fast_paths, uses_mrope
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
                                    lm_head_weight, repeat_cache, repeat_inputs)
@@ -281,10 +281,15 @@ def can_pack(model: Any, rollout: Rollout) -> bool:
 
 
 def _group_mask(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
-                kind: str, dtype: torch.dtype) -> torch.Tensor:
+                kind: str, dtype: torch.dtype, *, window: int | None = None,
+                blocks: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, L, L] mask of a packed row: causal, each completion sees the prompt and itself only,
     padding is never a key. The diagonal stays open so a padding query never has an all-masked
-    row (NaN under SDPA, which would leak into the real rows through the values)."""
+    row (NaN under SDPA, which would leak into the real rows through the values).
+
+    `window`: a sliding window, measured as in the plain row [prompt, completion] (each completion's
+    token j sits at prompt length + j there); `blocks` [B, P]: image block ids of the prompt tokens
+    (-1 for text), attending to each other both ways (Gemma 3's images), as the plain forward does."""
     rows, prompt_len = prompt_mask.shape
     length = completion_mask.size(1) // group_size
     device = prompt_mask.device
@@ -294,11 +299,44 @@ def _group_mask(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, group_
     causal = torch.ones(size, size, dtype=torch.bool, device=device).tril()
     visible = causal & ((segment[:, None] == segment[None, :]) | (segment[None, :] == 0))
     keys = torch.cat([prompt_mask, completion_mask], dim=1).bool()
-    allowed = (visible[None] & keys[:, None, :]) | torch.eye(size, dtype=torch.bool, device=device)[None]
-    allowed = allowed[:, None]
+    allowed = visible[None] & keys[:, None, :]
+    if blocks is not None:
+        image = blocks >= 0
+        allowed[:, :prompt_len, :prompt_len] |= (blocks[:, :, None] == blocks[:, None, :]) & image[:, :, None]
+    if window is not None:
+        index = torch.cat([torch.arange(prompt_len, device=device),
+                           prompt_len + torch.arange(length, device=device).repeat(group_size)])
+        allowed &= (index[None, :] > index[:, None] - window)[None]
+    allowed = (allowed | torch.eye(size, dtype=torch.bool, device=device)[None])[:, None]
     if kind == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """Each contiguous run of image tokens (token type 1) numbered 0, 1, ... per row; text is -1."""
+    image = token_type_ids == 1
+    starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
+    return torch.where(image, starts.long().cumsum(1) - 1, -1)
+
+
+def packed_masks(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int,
+                 completion_mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The packed row's attention mask: one [B, 1, L, L] mask, or, for a family whose forward takes a
+    mask per layer type (models/families.py mask_mapping: Gemma 3), one per type, with its sliding
+    window and bidirectional image blocks, as that family builds them for the plain row."""
+    args = (group_inputs["attention_mask"], completion_mask, group_size, _attention_kind(model),
+            unwrap_model(model).dtype)
+    entry = family(unwrap_model(model).config.model_type)
+    if entry is None or not entry.mask_mapping:
+        return _group_mask(*args)
+    text = _text_config(model)
+    types = getattr(text, "layer_types", None) or ["full_attention"]
+    blocks = image_blocks(group_inputs["token_type_ids"]) if "token_type_ids" in group_inputs else None
+    masks = {"full_attention": _group_mask(*args, blocks=blocks)}
+    if "sliding_attention" in types:
+        masks["sliding_attention"] = _group_mask(*args, blocks=blocks, window=text.sliding_window)
+    return masks
 
 
 def packed_batch(model: Any, group_inputs: dict[str, torch.Tensor], group_size: int,
@@ -317,11 +355,10 @@ def packed_batch(model: Any, group_inputs: dict[str, torch.Tensor], group_size: 
     if positions.dim() == 3:
         completion_pos = completion_pos.unsqueeze(0).expand(3, -1, -1)
     position_ids = torch.cat([positions, completion_pos.to(positions.dtype)], dim=-1)
-    dtype = unwrap_model(model).dtype
     batch = dict(group_inputs)
     batch.update(
         input_ids=torch.cat([ids, packed_ids], dim=1),
-        attention_mask=_group_mask(prompt_mask, packed_mask, group_size, _attention_kind(model), dtype),
+        attention_mask=packed_masks(model, group_inputs, group_size, packed_mask),
         position_ids=position_ids,
     )
     for key in ("mm_token_type_ids", "token_type_ids"):  # completion tokens are text
