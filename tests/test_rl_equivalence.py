@@ -232,9 +232,9 @@ def test_default_sampler_draws_from_the_distribution_of_every_step(tiny_vl):
 
 
 def test_inverse_cdf_picks_the_bucket_of_each_uniform():
-    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(6, -1)
-    uniform = torch.tensor([0.0, 0.2499, 0.25, 0.5, 0.9999, 1.0 - 1e-12])
-    assert inverse_cdf(probs, uniform).tolist() == [1, 1, 3, 3, 3, 3]  # never a zero-probability token
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(7, -1)
+    uniform = torch.tensor([0.0, 0.2499, 0.25, 0.5, 0.9999, 1.0 - 1e-12, 1.0])  # 1.0: u * total rounded up
+    assert inverse_cdf(probs, uniform).tolist() == [1, 1, 3, 3, 3, 3, 3]  # never a zero-probability token
     draws = inverse_cdf(torch.tensor([[0.1, 0.2, 0.7]]).expand(100_000, -1), torch.rand(100_000))
     assert torch.allclose(torch.bincount(draws, minlength=3) / 1e5, torch.tensor([0.1, 0.2, 0.7]), atol=0.01)
 

@@ -69,9 +69,13 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     vocabulary about 10x faster than torch.multinomial (which draws V exponentials per row)."""
     cdf = probs.double().cumsum_(dim=-1)
     picked = torch.searchsorted(cdf, uniform.double()[:, None] * cdf[:, -1:], right=True).squeeze(1)
-    # u * total can round up to total: never step past the last token that has probability
-    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-    return torch.minimum(picked, last)
+    # The first index whose cdf exceeds u * total has probability > 0, unless u * total rounded up to
+    # the total: then nothing exceeds it, and the draw is the last token that has probability (found
+    # for those rows only: the scan over [rows, vocab] cost more than the draw itself).
+    over = picked >= probs.size(-1)
+    if over.any():
+        picked[over] = probs.size(-1) - 1 - (probs[over] > 0).flip(-1).int().argmax(dim=-1)
+    return picked
 
 
 def default_sampler(device: torch.device | str) -> str:

@@ -42,7 +42,7 @@ def _head_rows(vocab: int, chunk_rows: int | None) -> int:
 class _HeadLogprob(torch.autograd.Function):
     """log softmax(hidden @ weight.T / T)[target] without ever holding logits for more than one chunk of rows.
 
-    Forward keeps only the per-row logsumexp; backward recomputes each chunk's logits (one extra
+    Forward keeps only the per-row logsumexp (one exp pass per chunk, see _exp_shifted); backward recomputes each chunk's logits (one extra
     matmul) instead of storing [rows, vocab] activations, the same trade TRL's chunked head makes.
     With a `grad_hint` (the predicted dLoss/dlogp) the forward also computes the gradients while
     each chunk's logits are at hand, saving the recompute; backward uses them only if the gradient
@@ -64,11 +64,12 @@ class _HeadLogprob(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = _tempered_logits(hidden[rows], weight, temperature)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+            picked = logits.gather(1, targets[rows, None]).squeeze(1)
+            lse[rows], exps, total = _exp_shifted(logits)
+            out[rows] = picked - lse[rows]
             if spec is not None:
                 spec[0][rows] = grad_hint(out[rows], rows)
-                _chunk_grads(logits, lse[rows], targets[rows], spec[0][rows] / temperature, hidden[rows], weight,
+                _chunk_grads(exps.div_(total), targets[rows], spec[0][rows] / temperature, hidden[rows], weight,
                              None if spec[1] is None else spec[1][rows], spec[2])
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_rows, ctx.spec, ctx.temperature = chunk_rows, spec, temperature
@@ -88,8 +89,8 @@ class _HeadLogprob(torch.autograd.Function):
         grad_weight = _weight_grad_buffer(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            logits = _tempered_logits(hidden[rows], weight, ctx.temperature)
-            _chunk_grads(logits, lse[rows], targets[rows], grad_out[rows].float() / ctx.temperature, hidden[rows],
+            softmax = _tempered_logits(hidden[rows], weight, ctx.temperature).sub_(lse[rows, None]).exp_()
+            _chunk_grads(softmax, targets[rows], grad_out[rows].float() / ctx.temperature, hidden[rows],
                          weight, None if grad_hidden is None else grad_hidden[rows], grad_weight)
         return grad_hidden, _scaled(grad_weight, 1.0, weight.dtype), None, None, None, None
 
@@ -115,11 +116,21 @@ def _scaled(grad: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torc
     return grad.to(dtype)
 
 
-def _chunk_grads(logits, lse, targets, g, hidden, weight, grad_hidden, grad_weight) -> None:
-    """Add one chunk's gradients, given dLoss/dlogits' scale `g` (dLoss/dlogp over the temperature);
-    overwrites `logits` (no second buffer). grad_weight is an fp32 accumulator."""
+def _exp_shifted(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logsumexp per row, exp(logits - row max), its row sums), overwriting `logits`: the one exp
+    pass serves both the log-probs and, divided by the sums, the softmax their gradient needs
+    (torch.logsumexp would run its own exp into a temporary, and the gradient a second one)."""
+    top = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(top).exp_()
+    total = exps.sum(dim=-1, keepdim=True)
+    return (top + total.log()).squeeze(1), exps, total
+
+
+def _chunk_grads(softmax, targets, g, hidden, weight, grad_hidden, grad_weight) -> None:
+    """Add one chunk's gradients, given its softmax (overwritten: no second buffer) and dLoss/dlogits'
+    scale `g` (dLoss/dlogp over the temperature). grad_weight is an fp32 accumulator."""
     # d logp[t] / d logits = onehot(t) - softmax(logits)
-    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    grad_logits = softmax.mul_(-g[:, None])
     grad_logits.scatter_add_(1, targets[:, None], g[:, None])
     grad_logits = grad_logits.to(weight.dtype)
     if grad_hidden is not None:
