@@ -71,11 +71,8 @@ def qwen_tokenizer_dir() -> Path:
 
 def build_checkpoint(out: Path, preset: str, image: int, arch: str = "qwen2_vl") -> Path:
     """Seeded random-init checkpoint + processor; both trainers load it from disk like a real model."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from visual_rft.models.families import processor_class_for
     from visual_rft.models.tiny import QWEN2VL_CHAT_TEMPLATE, build_tiny_model
 
     if preset == "small":  # the tiny test model of the family (tiny families: 4 image tokens an image)
@@ -84,64 +81,58 @@ def build_checkpoint(out: Path, preset: str, image: int, arch: str = "qwen2_vl")
         return build_qwen3_vl(out, image)
     if arch == "gemma3":
         return build_gemma3(out, image)
-    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())  # 151,669 tokens; the model pads to 151,936
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>",
-                                                           "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
     shape = dict(TEXT_2B if preset == "2b" else TEXT_BENCH)
-    mrope = shape.pop("mrope_section")
-    text = dict(vocab_size=151936, max_position_embeddings=4096, bos_token_id=None, **shape,
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope})
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": shape.pop("mrope_section")}
     vision = dict(VISION_2B if preset == "2b" else VISION_BENCH)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,  # as Qwen2-VL-2B
-                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config).float()
-    model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-                                               pad_token_id=ids["<|endoftext|>"])
-    pixels = image * image
-    processor = processor_class_for("qwen2_vl")(
-        image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
-                                                 temporal_patch_size=2),
-        tokenizer=tokenizer, chat_template=QWEN2VL_CHAT_TEMPLATE)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    # tied embeddings, as Qwen2-VL-2B
+    return _qwen_checkpoint(out, "qwen2_vl", Qwen2VLConfig, Qwen2VLForConditionalGeneration, shape, rope, vision,
+                            image, dict(patch_size=14), QWEN2VL_CHAT_TEMPLATE)
 
 
 def build_qwen3_vl(out: Path, image: int) -> Path:
     """Qwen3-VL at the bench scale: the real Qwen vocabulary (Qwen3 keeps Qwen2.5's tokenizer) padded to
     151,936, Qwen3-VL's interleaved M-RoPE, its vision tower with deepstack, its chat-template layout (no
     default system turn) and its image-only processor (no torchvision)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from visual_rft.models.tiny_families import TINY_FAMILIES
+
+    # Qwen3-VL-2B: head_dim 128, mrope_section [24, 20, 20], interleaved, theta 5e6; the same split for 64.
+    rope = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [12, 10, 10],
+            "mrope_interleaved": True}
+    return _qwen_checkpoint(out, "qwen3_vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                            dict(TEXT_QWEN3_VL, tie_word_embeddings=True), rope, dict(VISION_QWEN3_VL), image,
+                            dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                            TINY_FAMILIES["qwen3_vl"].chat_template)
+
+
+def _qwen_checkpoint(out: Path, family: str, config_cls, model_cls, shape: dict, rope: dict, vision: dict,
+                     image: int, image_settings: dict, chat_template: str) -> Path:
+    """A Qwen-VL-family checkpoint on the real Qwen tokenizer (151,669 tokens; the model pads to 151,936),
+    tied embeddings, every image resized to image x image pixels."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import AutoTokenizer, GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from visual_rft.models.families import processor_class_for
-    from visual_rft.models.tiny_families import TINY_FAMILIES
 
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>",
                                                            "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    # Qwen3-VL-2B: head_dim 128, mrope_section [24, 20, 20], interleaved, theta 5e6; the same split for 64.
-    rope = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [12, 10, 10],
-            "mrope_interleaved": True}
-    text = dict(vocab_size=151936, max_position_embeddings=4096, bos_token_id=None, **TEXT_QWEN3_VL,
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True,
-                rope_parameters=rope)
-    config = Qwen3VLConfig(text_config=text, vision_config=dict(VISION_QWEN3_VL), tie_word_embeddings=True,
-                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(vocab_size=151936, max_position_embeddings=4096, bos_token_id=None, **shape,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], rope_parameters=rope)
+    config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(config).float()
+    model = model_cls(config).float()
     model.generation_config = GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
                                                pad_token_id=ids["<|endoftext|>"])
     pixels = image * image
-    processor = processor_class_for("qwen3_vl")(
-        image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=16, merge_size=2,
-                                                 temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3),
-        tokenizer=tokenizer, chat_template=TINY_FAMILIES["qwen3_vl"].chat_template)
+    processor = processor_class_for(family)(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, merge_size=2,
+                                                 temporal_patch_size=2, **image_settings),
+        tokenizer=tokenizer, chat_template=chat_template)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

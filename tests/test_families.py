@@ -88,28 +88,40 @@ def _fixed_completions(model, processor, rows, length=6):
     return ids, mask
 
 
+def _fixed_rollout(model, processor, group, repeated):
+    """G fixed completions per prompt of `group` (one with an early EOS), over its repeated inputs."""
+    rows = group["input_ids"].size(0) * G
+    ids, mask = _fixed_completions(model, processor, rows)
+    return Rollout([None] * rows, [""] * rows, repeated, ids, mask, [""] * rows, group_inputs=group, group_size=G)
+
+
 def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def test_trainer_logprobs_and_gradients_equal_a_plain_forward(family):
-    arch, _, model, processor, group = family
-    rows = len(PROMPTS) * G
-    ids, mask = _fixed_completions(model, processor, rows)
+def _assert_scores_like_a_plain_forward(model, rollout, reference):
+    """The trainer's log-probs of rollout's completions, and their gradients under a fixed weighting,
+    equal a plain forward's log-softmax on `reference` (the same prompts, repeated); returns them."""
+    ids, mask = rollout.completion_ids, rollout.completion_mask
     weights = torch.linspace(-1, 1, ids.numel()).view_as(ids)
-    rollout = Rollout([None] * rows, [""] * rows, repeat_inputs(group, G), ids, mask, [""] * rows,
-                      group_inputs=group, group_size=G)
     model.zero_grad()
     fast = rollout_logprobs(model, rollout)
     (fast * weights * mask).sum().backward()
     fast_grads = _grads(model)
     model.zero_grad()
-    logits = model(**scoring_inputs(repeat_inputs(group, G), ids, mask)).logits[:, -ids.size(1) - 1:-1]
+    logits = model(**scoring_inputs(reference, ids, mask)).logits[:, -ids.size(1) - 1:-1]
     plain = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
     (plain * weights * mask).sum().backward()
     assert ((fast - plain).abs() * mask).max() < 1e-5
     assert (fast_grads - _grads(model)).abs().max() < 1e-5 * max(1.0, fast_grads.abs().max().item())
     model.zero_grad()
+    return plain
+
+
+def test_trainer_logprobs_and_gradients_equal_a_plain_forward(family):
+    arch, _, model, processor, group = family
+    rollout = _fixed_rollout(model, processor, group, repeat_inputs(group, G))
+    _assert_scores_like_a_plain_forward(model, rollout, repeat_inputs(group, G))
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])
@@ -133,10 +145,8 @@ def test_grouped_generation_equals_generate(family, temperature):
 
 def test_packing_is_refused_where_it_would_be_wrong(family):
     arch, _, model, processor, group = family
-    rows = len(PROMPTS) * G
-    ids, mask = _fixed_completions(model, processor, rows)
-    rollout = Rollout([None] * rows, [""] * rows, repeat_inputs(group, G), ids, mask, [""] * rows,
-                      group_inputs=group, group_size=G)
+    rollout = _fixed_rollout(model, processor, group, repeat_inputs(group, G))
+    ids, mask = rollout.completion_ids, rollout.completion_mask
     paths = fast_paths(model.config)
     if arch == "qwen3_5":
         assert not paths.packed_scoring and "linear_attention" in paths.packing_reason
@@ -183,22 +193,9 @@ def test_mixed_image_counts_score_like_a_plain_forward(family):
     assert repeated.keys() == reference.keys()
     for key, value in reference.items():
         assert not torch.is_tensor(value) or torch.equal(repeated[key], value), key
-    rows = len(MIXED_PROMPTS) * G
-    ids, mask = _fixed_completions(model, processor, rows)
-    weights = torch.linspace(-1, 1, ids.numel()).view_as(ids)
-    rollout = Rollout([None] * rows, [""] * rows, repeated, ids, mask, [""] * rows, group_inputs=group, group_size=G)
+    rollout = _fixed_rollout(model, processor, group, repeated)
     assert can_pack(model, rollout) == fast_paths(model.config).packed_scoring  # the shortcut runs where it does
-    model.zero_grad()
-    fast = rollout_logprobs(model, rollout)
-    (fast * weights * mask).sum().backward()
-    fast_grads = _grads(model)
-    model.zero_grad()
-    logits = model(**scoring_inputs(reference, ids, mask)).logits[:, -ids.size(1) - 1:-1]
-    plain = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
-    (plain * weights * mask).sum().backward()
-    assert ((fast - plain).abs() * mask).max() < 1e-5
-    assert (fast_grads - _grads(model)).abs().max() < 1e-5 * max(1.0, fast_grads.abs().max().item())
-    model.zero_grad()
+    _assert_scores_like_a_plain_forward(model, rollout, reference)
 
 
 def test_mixed_image_counts_generate_like_generate(family):
@@ -348,23 +345,10 @@ def test_gemma3_packed_scoring_carries_its_window_and_image_blocks(window, neede
     if window is not None:
         _set_sliding_window(model, window)
         assert group["input_ids"].size(1) > window
-    rows = len(MIXED_PROMPTS) * G
-    ids, mask = _fixed_completions(model, processor, rows)
-    rollout = Rollout([None] * rows, [""] * rows, repeat_inputs(group, G, IMAGES_PER_ROW), ids, mask, [""] * rows,
-                      group_inputs=group, group_size=G)
+    rollout = _fixed_rollout(model, processor, group, repeat_inputs(group, G, IMAGES_PER_ROW))
+    mask = rollout.completion_mask
     assert can_pack(model, rollout)
-    weights = torch.linspace(-1, 1, ids.numel()).view_as(ids)
-    model.zero_grad()
-    packed = rollout_logprobs(model, rollout)
-    (packed * weights * mask).sum().backward()
-    packed_grads = _grads(model)
-    model.zero_grad()
-    logits = model(**scoring_inputs(reference, ids, mask)).logits[:, -ids.size(1) - 1:-1]
-    plain = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
-    (plain * weights * mask).sum().backward()
-    assert ((packed - plain).abs() * mask).max() < 1e-5
-    assert (packed_grads - _grads(model)).abs().max() < 1e-5 * max(1.0, packed_grads.abs().max().item())
-    model.zero_grad()
+    plain = _assert_scores_like_a_plain_forward(model, rollout, reference)
     assert set(fast.packed_masks(model, group, G, mask.reshape(len(MIXED_PROMPTS), -1))) == {
         "full_attention", "sliding_attention"}
     stock = fast._group_mask
