@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from visual_rft.data.errors import DataError
-from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, ImageLike, Record, answer_text, open_image
+from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, ImageLike, Record, answer_text, load_rgb, open_image
 from visual_rft.rewards import task_module
 
 # Larger images are refused rather than decoded: a 100k x 100k PNG would take the machine's memory.
@@ -61,7 +61,7 @@ def _one_image_problem(image: ImageLike, max_pixels: int, modes: dict[str, int])
             modes[image.mode] = modes.get(image.mode, 0) + 1
             if image.size[0] * image.size[1] > max_pixels:
                 return f"image is {image.size[0]}x{image.size[1]}, over the limit of {max_pixels:,} pixels"
-        rgb = Record(image, "", "").load_image()  # the full decode, with the same mode conversion training uses
+        rgb = load_rgb(image)  # the full decode, with the same mode conversion training uses
     except (ValueError, OSError, Image.DecompressionBombError) as exc:
         return f"image does not decode: {exc}"
     if rgb.size[0] < 1 or rgb.size[1] < 1:

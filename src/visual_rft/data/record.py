@@ -43,7 +43,7 @@ class Record:
     def load_images(self, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Image.Image]:
         """Every image as RGB, in prompt order (see load_image)."""
         images = self.images
-        return [_load(image, self._where(i, len(images)), max_pixels) for i, image in enumerate(images)]
+        return [load_rgb(image, self._where(i, len(images)), max_pixels) for i, image in enumerate(images)]
 
     def load_image(self, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
         """The record's one image as RGB, opening it from disk when the record holds a path. An image
@@ -52,7 +52,7 @@ class Record:
         images = self.images
         if len(images) != 1:
             raise ValueError(f"{self.source or 'record'}: holds {len(images)} images; use load_images()")
-        return _load(images[0], self.source, max_pixels)
+        return load_rgb(images[0], self.source, max_pixels)
 
     def _where(self, index: int, count: int) -> str:
         return self.source if count == 1 else f"{self.source or 'record'} (image {index + 1} of {count})"
@@ -62,7 +62,8 @@ class Record:
         return {"solution": self.solution, "problem": self.problem, **self.fields}
 
 
-def _load(image: ImageLike, where: str, max_pixels: int) -> Image.Image:
+def load_rgb(image: ImageLike, where: str = "", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """One image (in memory, a path or bytes) as RGB; errors name `where` (the record's source)."""
     what = f"{len(image)} bytes" if isinstance(image, bytes) else image
     try:
         # In-memory images may be lazily decoded (loaders open bytes without decoding).

@@ -335,10 +335,9 @@ def packed_masks(model: Any, group_inputs: dict[str, torch.Tensor], group_size: 
     if entry is None or not entry.mask_mapping:
         return _group_mask(*args)
     text = _text_config(model)
-    types = getattr(text, "layer_types", None) or ["full_attention"]
     blocks = image_blocks(group_inputs["token_type_ids"]) if "token_type_ids" in group_inputs else None
     masks = {"full_attention": _group_mask(*args, blocks=blocks)}
-    if "sliding_attention" in types:
+    if "sliding_attention" in (getattr(text, "layer_types", None) or []):
         masks["sliding_attention"] = _group_mask(*args, blocks=blocks, window=text.sliding_window)
     return masks
 

@@ -42,8 +42,9 @@ def _head_rows(vocab: int, chunk_rows: int | None) -> int:
 class _HeadLogprob(torch.autograd.Function):
     """log softmax(hidden @ weight.T / T)[target] without ever holding logits for more than one chunk of rows.
 
-    Forward keeps only the per-row logsumexp (one exp pass per chunk, see _exp_shifted); backward recomputes each chunk's logits (one extra
-    matmul) instead of storing [rows, vocab] activations, the same trade TRL's chunked head makes.
+    Forward keeps only the per-row logsumexp (one exp pass per chunk, see _exp_shifted); backward
+    recomputes each chunk's logits (one extra matmul) instead of storing [rows, vocab] activations, the
+    same trade TRL's chunked head makes.
     With a `grad_hint` (the predicted dLoss/dlogp) the forward also computes the gradients while
     each chunk's logits are at hand, saving the recompute; backward uses them only if the gradient
     that actually arrives is a multiple of the prediction, and recomputes otherwise.
