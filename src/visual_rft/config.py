@@ -112,6 +112,23 @@ class OptimConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM rollouts (grpo.rollout=vllm): the engine colocated in each training process, its memory,
+    and the correction of the mismatch between its log-probs and the trainer's."""
+
+    gpu_memory_utilization: float = 0.3  # CUDA: fraction of the GPU vLLM may take (weights + KV cache); the rest trains
+    kv_cache_gib: float = 1.0  # CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE; vLLM's default reserves far more)
+    tensor_parallel_size: int = 1  # GPUs per engine (colocated: one engine per training process at 1)
+    enforce_eager: Optional[bool] = None  # None = eager on CPU, CUDA graphs on GPU
+    sleep: bool = True  # CUDA: free vLLM's weights and KV cache during the update (sleep mode), wake before the next rollout
+    max_model_len: Optional[int] = None  # None = grpo.max_prompt_length + grpo.max_completion_length
+    # truncated importance sampling: each token's (or completion's) loss is weighted by
+    # pi_trainer / pi_vllm of the sampled tokens, capped (truncate) or zeroed above the cap (mask)
+    correction: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "off"] = "token_truncate"
+    correction_cap: float = 3.0  # C of the truncation / mask
+
+
+@dataclass
 class GRPOConfig:
     """GRPO: sampling, advantages, the clipped objective, the KL term and the optimiser."""
 
@@ -149,6 +166,11 @@ class GRPOConfig:
     max_prompt_length: int = 1024  # tokens, image tokens included; longer prompts are an error (images must not be cut)
     max_completion_length: int = 256  # new tokens per completion
     seed: int = 42  # data order, sampling (per step and micro-batch slot) and initialisation
+    # what draws the completions: hf = this project's transformers decode loop on the policy itself;
+    # vllm = vLLM colocated in each training process, weights synced before every rollout (pip install
+    # vllm); auto = vllm where it is installed and serves the model, else hf (the reason said once)
+    rollout: Literal["hf", "vllm", "auto"] = "hf"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # used by rollout=vllm (and auto when it picks vllm)
 
 
 @dataclass
@@ -418,6 +440,12 @@ def validate(cfg: Config) -> None:
                           "generate samples, which draws by multinomial)")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"grpo.top_p must be in (0, 1], got {g.top_p}")
+    if not 0 < g.vllm.gpu_memory_utilization <= 1 or g.vllm.kv_cache_gib <= 0 or g.vllm.tensor_parallel_size < 1:
+        raise ConfigError("grpo.vllm.gpu_memory_utilization must be in (0, 1], grpo.vllm.kv_cache_gib > 0 and "
+                          "grpo.vllm.tensor_parallel_size >= 1")
+    if g.vllm.correction_cap < 1:
+        raise ConfigError(f"grpo.vllm.correction_cap must be >= 1 (a weight cap below 1 down-weights every "
+                          f"token), got {g.vllm.correction_cap}")
     weights = cfg.task.reward_weights
     if weights is not None and len(weights) != len(cfg.task.rewards):
         raise ConfigError(

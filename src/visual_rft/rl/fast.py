@@ -23,8 +23,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 from visual_rft.engine import unwrap_model
 from visual_rft.models.families import family, fast_paths, uses_mrope
 from visual_rft.rl.lm_head import head_logprobs
-from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, eos_token_ids, generate,
-                                   lm_head_weight, repeat_cache, repeat_inputs)
+from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, decode_completions, eos_token_ids,
+                                   generate, lm_head_weight, repeat_cache, repeat_inputs)
 
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -210,8 +210,7 @@ def generate_grouped(
         logits = _step_logits(model, head_t, input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
                               use_cache=True, **{cache_name: cache})
     mask = completion_mask(tokens, eos.tolist())
-    texts = tokenizer.batch_decode(tokens * mask + pad * (1 - mask), skip_special_tokens=True)
-    return tokens, mask, texts
+    return tokens, mask, decode_completions(tokenizer, tokens, mask)
 
 
 # ------------------------------------------------------------------------------------------------- scoring

@@ -108,17 +108,20 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_c
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-                mask: torch.Tensor, objective: Objective,
-                normalizer: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                mask: torch.Tensor, objective: Objective, normalizer: torch.Tensor | float | None = None,
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of one micro-batch, and its clip fraction and KL (means over `mask`).
 
     logp / old_logp / ref_logp: [B, T] log-probs of the completion tokens under the policy, the
     policy that sampled (logp.detach() when there is one update per rollout) and the reference (None
-    = no KL term). advantages [B]; mask [B, T]: the tokens that train.
+    = no KL term). advantages [B]; mask [B, T]: the tokens that train. is_weights [B, T]: the
+    engine-mismatch correction (rl/mismatch.py), multiplying the policy term only, as TRL and verl do.
     """
     valid = mask.bool()
     log_ratio = log_importance_ratio(logp, old_logp, mask, objective.importance_sampling_level)
     per_token, clipped = clipped_surrogate(log_ratio, advantages.to(logp.device), objective.eps_low, objective.eps_high)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token)
     stats = {"clip_frac": masked_mean(clipped, mask)}
     if ref_logp is not None and objective.beta > 0:
         zero = torch.zeros_like(logp)
@@ -130,7 +133,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 
 
 def ratio_one_grad_hint(advantages: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor,
-                        objective: Objective, normalizer: torch.Tensor | float | None = None):
+                        objective: Objective, normalizer: torch.Tensor | float | None = None, is_weights=None):
     """dLoss/dlogp of `policy_loss` with old_logp = logp.detach() (one update per rollout), for
     head_logprobs' grad_hint, which asks for it one chunk of flat [B*T] rows at a time.
 
@@ -139,6 +142,8 @@ def ratio_one_grad_hint(advantages: torch.Tensor, ref_logp: torch.Tensor | None,
     and its GSPO form give -A * weight, the k3 term depends on that token alone), so the other rows'
     values do not matter; they are set to the reference (KL 0 there). head_logprobs checks the
     gradient that finally arrives against this prediction and recomputes if they disagree.
+    is_weights: None, or `f(logp) -> [B, T]` weights of the mismatch correction computed from the
+    (detached) log-probs; only a per-token rule keeps each token's gradient its own.
     """
     filler = (ref_logp.detach().float() if ref_logp is not None else torch.zeros(mask.shape)).reshape(-1)
 
@@ -147,7 +152,8 @@ def ratio_one_grad_hint(advantages: torch.Tensor, ref_logp: torch.Tensor | None,
         point[rows] = logp_rows.detach()
         with torch.enable_grad():
             x = point.view(mask.shape).requires_grad_()
-            loss, _ = policy_loss(x, x.detach(), ref_logp, advantages, mask, objective, normalizer)
+            weights = is_weights(x.detach()) if is_weights is not None else None
+            loss, _ = policy_loss(x, x.detach(), ref_logp, advantages, mask, objective, normalizer, weights)
             return torch.autograd.grad(loss, x)[0].reshape(-1)[rows]
 
     return hint

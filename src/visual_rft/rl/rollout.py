@@ -44,6 +44,9 @@ class Rollout:
     loss_mask: torch.Tensor | None = None  # [N, T], the tokens that train (completion_mask minus left-out rows)
     zero_variance: torch.Tensor | None = None  # [N / group_size] bool, groups whose rewards are all equal
     paths: dict[str, bool] = field(default_factory=dict)  # which shortcuts produced this rollout's numbers
+    # The rollout engine's own log-probs of the sampled tokens [N, T] where it is not the policy itself
+    # (vLLM): the engine mismatch is measured and corrected against them (rl/mismatch.py).
+    sampler_logp: torch.Tensor | None = None
 
     def train_mask(self) -> torch.Tensor:
         return self.completion_mask if self.loss_mask is None else self.loss_mask
@@ -93,8 +96,12 @@ def generate(
     sequences = model.generate(**inputs, **kwargs)
     completion_ids = sequences[:, inputs["input_ids"].size(1):]
     mask = completion_mask(completion_ids, eos)
-    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    return completion_ids, mask, texts
+    return completion_ids, mask, decode_completions(tokenizer, completion_ids, mask)
+
+
+def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The completions' text: tokens up to the first EOS, special tokens dropped."""
+    return tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
 
 
 def scoring_inputs(prompt_inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,

@@ -21,9 +21,10 @@ from visual_rft.preemption import Preempted, StopSignals
 from visual_rft.preflight import find_resume_checkpoint
 from visual_rft.rewards import RewardSet, task_rewards
 from visual_rft.rl.advantages import group_advantages, group_reward_std, zero_variance_groups
-from visual_rft.rl.fast import (default_sampler, generate_grouped, packing_blocker, prefill_once_blocker,
-                                rollout_logprobs)
+from visual_rft.rl.engines import RolloutRequest, make_rollout_engine
+from visual_rft.rl.fast import packing_blocker, rollout_logprobs
 from visual_rft.rl.loss import Objective, loss_units, policy_loss, ratio_one_grad_hint
+from visual_rft.rl.mismatch import correction_weights, mismatch_stats
 from visual_rft.rl.rollout import Rollout, eos_token_ids, lm_head_weight, repeat_inputs
 from visual_rft.runlog import PhaseTimer, RunLog
 from visual_rft.runtime import load_policy, load_split, prompt_batch
@@ -72,35 +73,32 @@ class GRPOTrainer:
         self.objective = Objective.from_config(self.g)
         self.fast = self.g.fast == "auto"
         self._explained: set[str] = set()  # shortcuts whose fallback reason was already printed
+        self.eos = torch.tensor(eos_token_ids(self.policy, self.processor.tokenizer))
+        self.rollout_engine = make_rollout_engine(cfg, self.engine, self.policy, self.processor, self.suppress,
+                                                  fast=self.fast, shortcut=self._shortcut,
+                                                  max_images=max((len(r.images) for r in records), default=1))
 
     @property
     def policy(self) -> Any:
         return self.engine.unwrap(self.model)
 
     # ------------------------------------------------------------------ phases
-    def sample(self, batch: list[Record]) -> Rollout:
-        # Each prompt is processed and prefilled once, then its KV cache serves all G samples.
+    def sample(self, batch: list[Record], seed: int | None = None) -> Rollout:
+        """G completions of each record's prompt, from the rollout engine (grpo.rollout); `seed`: this
+        micro-batch slot's (None: the global torch RNG decides)."""
         g = self.g.num_generations
         group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
                                       max_prompt_length=self.g.max_prompt_length)
         images_per_row = [len(record.images) for record in batch]
-        prefill = self.fast and self._shortcut("prefill_once", prefill_once_blocker(self.model, group, g))
-        sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(self.accelerator.device)
-        with self.engine.generation_weights(self.model) as policy:  # ZeRO-3 / FSDP: gather once
-            ids, mask, texts = generate_grouped(
-                policy, self.processor.tokenizer, group, g, max_new_tokens=self.g.max_completion_length,
-                temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
-                sampler=sampler, prefill_once=prefill, images_per_row=images_per_row,
-            )
-            eos = torch.tensor(eos_token_ids(policy, self.processor.tokenizer), device=ids.device)
+        drawn = self.rollout_engine.generate(self.model, RolloutRequest(batch, group, images_per_row, g, seed))
         records = [r for r in batch for _ in range(g)]
         prompts = [p for p in prompts for _ in range(g)]
         repeated = repeat_inputs(group, g, images_per_row)
-        rollout = Rollout(records, prompts, repeated, ids, mask, texts, group_inputs=group,
+        rollout = Rollout(records, prompts, repeated, drawn.ids, drawn.mask, drawn.texts, group_inputs=group,
                           group_size=g, temperature=self.g.temperature,
-                          truncated=~torch.isin(ids, eos).any(dim=1).cpu())
-        # Without prefill-once, transformers' generate draws by multinomial whatever the setting.
-        rollout.paths = {"prefill_once": prefill, "inverse_cdf": prefill and sampler == "inverse_cdf"}
+                          truncated=~torch.isin(drawn.ids, self.eos.to(drawn.ids.device)).any(dim=1).cpu(),
+                          sampler_logp=drawn.sampler_logp)
+        rollout.paths = dict(drawn.paths)
         return rollout
 
     def score(self, rollout: Rollout) -> None:
@@ -142,14 +140,35 @@ class GRPOTrainer:
         mask = rollout.train_mask()
         hint = None
         packed = self.fast and self._shortcut("packed", packing_blocker(self.model, rollout))
-        if self.fast and rollout.old_logp is None:  # dLoss/dlogp is known up front: the LM head's forward computes the gradients
-            hint = ratio_one_grad_hint(rollout.advantages, rollout.ref_logp, mask, self.objective, normalizer)
+        corrected = self._correction(rollout)
+        # dLoss/dlogp is known up front (ratio 1; a per-token correction depends on the token's own
+        # log-prob only): the LM head's forward computes the gradients
+        if self.fast and rollout.old_logp is None and not self.g.vllm.correction.startswith("sequence"):
+            hint = ratio_one_grad_hint(rollout.advantages, rollout.ref_logp, mask, self.objective, normalizer,
+                                       is_weights=corrected)
         rollout.paths.update(packed=packed, grad_hint=hint is not None and lm_head_weight(self.model) is not None)
         logp = rollout_logprobs(self.model, rollout, fast=self.fast, grad_hint=hint)
         # With one update per rollout the sampling policy is the current one: the ratio is 1 and
         # only its gradient matters, so the detached log-probs stand in for a second forward pass.
         old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-        return policy_loss(logp, old, rollout.ref_logp, rollout.advantages, mask, self.objective, normalizer)
+        weights = corrected(old) if corrected is not None else None
+        loss, stats = policy_loss(logp, old, rollout.ref_logp, rollout.advantages, mask, self.objective, normalizer,
+                                  is_weights=weights)
+        if rollout.sampler_logp is not None:  # the engine mismatch, measured on every sampled token
+            measured = mismatch_stats(old, rollout.sampler_logp, rollout.completion_mask, self.g.vllm.correction,
+                                      self.g.vllm.correction_cap)
+            stats.update({f"rollout/{key}": value for key, value in measured.items()})
+        return loss, stats
+
+    def _correction(self, rollout: Rollout):
+        """`f(trainer_logp) -> weights` of the engine-mismatch correction (rl/mismatch.py), or None
+        where the sampler was the policy itself or the correction is off."""
+        mode, cap = self.g.vllm.correction, self.g.vllm.correction_cap
+        if rollout.sampler_logp is None or mode == "off":
+            return None
+        sampler_logp, mask = rollout.sampler_logp, rollout.train_mask()
+        return lambda trainer_logp: correction_weights(trainer_logp, sampler_logp.to(trainer_logp.device), mask,
+                                                       mode, cap)
 
     def update(self, rollouts: list[Rollout]) -> dict[str, float]:
         self.model.train()
@@ -165,7 +184,7 @@ class GRPOTrainer:
             losses.append(loss.item() / len(rollouts))
             stats.append({k: v.item() for k, v in s.items()})
         grad_norm, stepped = self.engine.step(self.model, self.optimizer, self.scheduler)
-        merged = {k: statistics.fmean(s[k] for s in stats) for k in stats[0]} if stats else {}
+        merged = {k: _merge(k, [s[k] for s in stats]) for k in stats[0]} if stats else {}
         return {"loss": sum(losses), "grad_norm": grad_norm, "stepped": stepped, **merged}
 
     def _loss_normalizer(self, rollouts: list[Rollout]) -> torch.Tensor:
@@ -216,14 +235,16 @@ class GRPOTrainer:
         micro = shard(indices, self.g.per_device_batch_size, self.accelerator.process_index,
                       self.accelerator.num_processes)
         self.model.eval()
+        if self.rollout_engine.name != "hf":  # the engine's own copy of the weights catches up with the policy
+            with self.timer.phase("weight_sync"):
+                self.rollout_engine.sync(self.model)
         with self.timer.phase("rollout"):
             rollouts = []
             for m, batch in enumerate(micro):
                 # Sampling is seeded per (step, global micro-batch slot), so the completions do not
                 # depend on how many processes share the step, nor on where a run was resumed.
                 slot = m * self.accelerator.num_processes + self.accelerator.process_index
-                torch.manual_seed(slot_seed(self.g.seed, step, slot))
-                rollouts.append(self.sample([self.records[i] for i in batch]))
+                rollouts.append(self.sample([self.records[i] for i in batch], seed=slot_seed(self.g.seed, step, slot)))
         with self.timer.phase("reward"):
             for r in rollouts:
                 self.score(r)
@@ -247,6 +268,17 @@ class GRPOTrainer:
             metrics.update(self.evaluator.maybe_run(step + 1, self.total, self.accelerator, self.model,
                                                     self.processor, self.log))
         return metrics, rollouts
+
+    def _reduce_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over processes; the extremes (keys ending in _max / _min) as extremes."""
+        device = self.accelerator.device
+        means = self.accelerator.reduce(torch.tensor(list(values.values()), device=device), "mean").tolist()
+        out = dict(zip(values, means))
+        for key, value in values.items():
+            if key.endswith(("_max", "_min")):
+                sign = 1.0 if key.endswith("_max") else -1.0
+                out[key] = sign * self.accelerator.reduce(torch.tensor(sign * value, device=device), "max").item()
+        return out
 
     def _agreed_stop(self, stop: StopSignals) -> int:
         """The stop signal any process received (0: none); every rank stops after the same step."""
@@ -297,8 +329,7 @@ class GRPOTrainer:
         out["truncated_frac"] = table["truncated"].mean().item()
         out["frac_reward_zero_std"] = table["zero_variance_group"].mean().item()  # TRL's name; per group
         last = updates[-1]
-        reduced = self.accelerator.reduce(torch.tensor(list(last.values()), device=self.accelerator.device), "mean")
-        out.update(dict(zip(last, reduced.tolist())))  # averaged over processes, like the gradients
+        out.update(self._reduce_over_processes(last))  # averaged over processes, like the gradients
         for path in ("prefill_once", "inverse_cdf", "packed", "grad_hint"):  # which shortcuts ran (fraction of micro-batches)
             out[f"fast/{path}"] = statistics.fmean(float(r.paths.get(path, False)) for r in rollouts)
         out["lr"] = self.scheduler.get_last_lr()[0]
@@ -312,6 +343,13 @@ class GRPOTrainer:
         every = self.cfg.output.sample_steps
         if every > 0 and (step % every == 0 or step == 1):
             self.log.rollouts(step, _rollout_rows(rollouts[0], self.rewards.names))
+
+
+def _merge(key: str, values: list[float]) -> float:
+    """One step's value of a per-micro-batch statistic: the extreme for *_max / *_min, else the mean."""
+    if key.endswith("_max"):
+        return max(values)
+    return min(values) if key.endswith("_min") else statistics.fmean(values)
 
 
 def _rollout_rows(rollout: Rollout, names: list[str]) -> list[dict[str, Any]]:

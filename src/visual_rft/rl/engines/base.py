@@ -1,0 +1,47 @@
+"""The interface between the GRPO trainer and whatever samples its completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from visual_rft.data.record import Record
+
+
+@dataclass
+class RolloutRequest:
+    """One micro-batch of prompts to sample `group_size` completions each for."""
+
+    records: list[Record]
+    group_inputs: dict[str, torch.Tensor]  # processor output, one left-padded row per prompt
+    images_per_row: list[int]  # each prompt's image count (rows may differ)
+    group_size: int
+    seed: int | None = None  # this micro-batch slot's sampling seed (None: from torch's global RNG)
+
+
+@dataclass
+class Generation:
+    """G completions per prompt, rows in prompt order (row i*G + j = sample j of prompt i)."""
+
+    ids: torch.Tensor  # [N, T], padding after the first EOS
+    mask: torch.Tensor  # [N, T], 1 up to and including the first EOS
+    texts: list[str]
+    # The sampler's own log-probs of the drawn tokens [N, T] (0 on padding), from the distribution it
+    # actually drew from (temperature, suppressed tokens, top-k / top-p applied); None where the
+    # engine samples from the policy itself and they would equal the trainer's.
+    sampler_logp: torch.Tensor | None = None
+    paths: dict[str, bool] = field(default_factory=dict)  # which shortcuts drew these samples
+
+
+class RolloutEngine(Protocol):
+    """What the trainer needs from a rollout engine."""
+
+    name: str
+
+    def sync(self, model: Any) -> bool:
+        """Bring the engine's weights up to the policy's before a rollout; True if weights moved."""
+
+    def generate(self, model: Any, request: RolloutRequest) -> Generation:
+        """Sample the request's completions (`model`: the training wrapper of the policy)."""

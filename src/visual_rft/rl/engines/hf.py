@@ -1,0 +1,45 @@
+"""The transformers rollout engine: this project's own decode loop on the policy itself (rl/fast.py).
+
+Each prompt is prefilled once and its KV cache serves all G samples; the policy samples, so its
+weights are always current (nothing to sync) and the trainer's log-probs are the sampler's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from visual_rft.config import GRPOConfig
+from visual_rft.rl.engines.base import Generation, RolloutRequest
+from visual_rft.rl.fast import default_sampler, generate_grouped, prefill_once_blocker
+
+
+class HFRolloutEngine:
+    name = "hf"
+
+    def __init__(self, g: GRPOConfig, training_engine: Any, tokenizer: Any, suppress_ids: list[int], *,
+                 fast: bool, shortcut: Callable[[str, str | None], bool]) -> None:
+        """`shortcut(name, blocker)`: the trainer's check that says once why a shortcut is off."""
+        self.g, self.training_engine, self.tokenizer, self.suppress = g, training_engine, tokenizer, suppress_ids
+        self.fast, self.shortcut = fast, shortcut
+
+    def sync(self, model: Any) -> bool:
+        return False  # the policy samples itself
+
+    def generate(self, model: Any, request: RolloutRequest) -> Generation:
+        g = request.group_size
+        prefill = self.fast and self.shortcut("prefill_once", prefill_once_blocker(model, request.group_inputs, g))
+        sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(request.group_inputs["input_ids"].device)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        with self.training_engine.generation_weights(model) as policy:  # ZeRO-3 / FSDP: gather once
+            ids, mask, texts = generate_grouped(
+                policy, self.tokenizer, request.group_inputs, g, max_new_tokens=self.g.max_completion_length,
+                temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
+                sampler=sampler, prefill_once=prefill, images_per_row=request.images_per_row,
+            )
+        # Without prefill-once, transformers' generate draws by multinomial whatever the setting.
+        return Generation(ids, mask, texts, paths={"prefill_once": prefill,
+                                                   "inverse_cdf": prefill and sampler == "inverse_cdf"})

@@ -1,0 +1,159 @@
+"""vLLM rollouts, colocated: one engine inside each training process, its weights synced from the
+policy before every rollout, its own log-probs returned for the mismatch correction (rl/mismatch.py).
+
+In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as TRL's and EasyR1's colocated modes run it. Weights
+go in with the worker's `reload_weights`, the call vLLM's CPU backend also serves (its linear layers
+are prepacked, so the GPU recipe's model.load_weights has nothing to copy into there); the engine's
+encoder and prefix caches are cleared after each sync, or images seen before would reuse features of
+the old weights. Log-probs are vLLM's processed ones: those of the distribution it drew from
+(temperature, suppressed vision tokens, top-k / top-p), the ones importance sampling needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from visual_rft.config import Config
+from visual_rft.models.loading import chat_text
+from visual_rft.rl.engines.base import Generation, RolloutRequest
+from visual_rft.rl.engines.vllm_model_dir import serving_dir
+from visual_rft.rl.engines.weights import policy_weights
+from visual_rft.rl.rollout import completion_mask, decode_completions, eos_token_ids
+from visual_rft.runtime import record_images
+from visual_rft.tasks.prompts import build_prompt
+
+
+def _row_seed(seed: int, row: int) -> int:
+    """Each prompt's own seed, so its G samples do not depend on what else shares the batch. Hashed:
+    vLLM seeds a request's n samples with consecutive values, so consecutive row seeds would hand
+    one prompt's second sample the next prompt's first random stream."""
+    digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class VLLMRolloutEngine:
+    name = "vllm"
+
+    def __init__(self, cfg: Config, training_engine: Any, policy: Any, processor: Any, suppress_ids: list[int],
+                 max_images: int = 1) -> None:
+        self.cfg, self.g, self.v = cfg, cfg.grpo, cfg.grpo.vllm
+        self.training_engine, self.processor, self.tokenizer = training_engine, processor, processor.tokenizer
+        self.device = training_engine.accelerator.device
+        self.eos = eos_token_ids(policy, self.tokenizer)
+        self.bad_words = self._suppressed_words(suppress_ids)
+        self.cuda = self.device.type == "cuda"
+        self.llm = self._start(policy, max_images)
+        self.asleep = False
+
+    # ------------------------------------------------------------------ start-up
+    def _suppressed_words(self, suppress_ids: list[int]) -> list[str]:
+        """Vision tokens as vLLM bad words (single tokens: masked to -inf at every step, as hf suppresses)."""
+        words = []
+        for token_id in sorted(set(suppress_ids)):
+            word = self.tokenizer.convert_ids_to_tokens(token_id)
+            if self.tokenizer.encode(word, add_special_tokens=False) != [token_id]:
+                raise ValueError(f"vision token {token_id} ({word!r}) does not encode to itself; vLLM could not "
+                                 "suppress it (use grpo.rollout=hf)")
+            words.append(word)
+        return words
+
+    def _start(self, policy: Any, max_images: int) -> Any:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in this process (colocated)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if not self.cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.v.kv_cache_gib:g}")
+        from vllm import LLM
+
+        threads, dtype = torch.get_num_threads(), next(policy.parameters()).dtype
+        started = time.perf_counter()
+        llm = LLM(
+            model=serving_dir(policy.config._name_or_path), dtype=str(dtype).removeprefix("torch."),
+            seed=self.g.seed, max_model_len=self.v.max_model_len or self.g.max_prompt_length + self.g.max_completion_length,
+            enforce_eager=self.v.enforce_eager if self.v.enforce_eager is not None else not self.cuda,
+            limit_mm_per_prompt={"image": max_images, "video": 0}, logprobs_mode="processed_logprobs",
+            gpu_memory_utilization=self.v.gpu_memory_utilization, tensor_parallel_size=self.v.tensor_parallel_size,
+            enable_sleep_mode=self.cuda and self.v.sleep, disable_log_stats=True,
+        )
+        torch.set_num_threads(threads)  # vLLM lowers the process's torch threads for serving; training needs them
+        if self.training_engine.accelerator.is_main_process:
+            print(f"visual-rft: vLLM rollout engine ready in {time.perf_counter() - started:.1f} s "
+                  f"({str(dtype).removeprefix('torch.')}, {'GPU' if self.cuda else 'CPU'})", file=sys.stderr)
+        return llm
+
+    # ------------------------------------------------------------------ weights
+    def sync(self, model: Any) -> bool:
+        """The policy's current weights into vLLM (gathered under ZeRO-3 / FSDP, LoRA merged)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        with self.training_engine.generation_weights(model) as policy:
+            weights = list(policy_weights(policy))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        del weights
+        # Features and prefixes computed under the old weights must not be reused.
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        return True
+
+    def sleep(self) -> None:
+        """CUDA: free vLLM's weights and KV cache while the trainer updates (sync wakes it)."""
+        if self.cuda and self.v.sleep and not self.asleep:
+            self.llm.sleep(level=2)  # weights are resent by the next sync anyway
+            self.asleep = True
+
+    # ------------------------------------------------------------------ sampling
+    def _prompts(self, request: RolloutRequest) -> list[dict[str, Any]]:
+        prompts = []
+        for record in request.records:
+            images = record_images(record, self.cfg.data.image_size, self.cfg.data.max_image_pixels)
+            text = chat_text(self.processor, build_prompt(record, self.cfg.task), system=self.cfg.task.system_prompt,
+                             images=len(images))
+            prompts.append({"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}})
+        return prompts
+
+    def _params(self, base_seed: int, rows: int) -> list[Any]:
+        from vllm import SamplingParams
+
+        return [SamplingParams(n=self.g_size, temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k,
+                               max_tokens=self.g.max_completion_length, logprobs=0, seed=_row_seed(base_seed, row),
+                               stop_token_ids=self.eos, bad_words=self.bad_words or None, detokenize=False)
+                for row in range(rows)]
+
+    def generate(self, model: Any, request: RolloutRequest) -> Generation:
+        self.g_size = request.group_size
+        seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        outputs = self.llm.generate(self._prompts(request), self._params(seed, len(request.records)), use_tqdm=False)
+        self._check_prompts(outputs, request.group_inputs)
+        samples = [sample for out in outputs for sample in sorted(out.outputs, key=lambda s: s.index)]
+        length = max(1, max(len(s.token_ids) for s in samples))
+        ids = torch.full((len(samples), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        logp = torch.zeros(len(samples), length)
+        for row, sample in enumerate(samples):
+            n = len(sample.token_ids)
+            ids[row, :n] = torch.tensor(sample.token_ids)
+            logp[row, :n] = torch.tensor([next(iter(step.values())).logprob if len(step) == 1 else
+                                          step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs)])
+        mask = completion_mask(ids, self.eos)
+        texts = decode_completions(self.tokenizer, ids, mask)
+        self.sleep()
+        return Generation(ids.to(self.device), mask.to(self.device), texts, sampler_logp=(logp * mask).to(self.device),
+                          paths={"vllm": True})
+
+    def _check_prompts(self, outputs: list[Any], group_inputs: dict[str, torch.Tensor]) -> None:
+        """vLLM's prompt tokens must be the trainer's: the same image expansion (a double expansion or a
+        different number of image tokens would score completions against another prompt)."""
+        for row, out in enumerate(outputs):
+            mask = group_inputs["attention_mask"][row].bool()
+            ours = group_inputs["input_ids"][row][mask].tolist()
+            if list(out.prompt_token_ids) != ours:
+                raise RuntimeError(f"vLLM's prompt for row {row} has {len(out.prompt_token_ids)} tokens where the "
+                                   f"trainer's processor made {len(ours)} (image expansion differs); "
+                                   "use grpo.rollout=hf for this model")

