@@ -4,6 +4,7 @@
     python bench/grpo_step.py --small    # the tiny test model, same comparison, under a minute
     python bench/grpo_step.py --model 2b --device cuda --dtype bfloat16   # Qwen2-VL-2B shape (bench/gpu_smoke.sh)
     python bench/grpo_step.py --arch qwen3_vl   # the same scale as a Qwen3-VL (or --arch gemma3: a Gemma 3)
+    python bench/grpo_step.py --vllm     # adds ours with vLLM rollouts (run in make test-vllm's venv + trl)
 
 Each side runs in its own worker process (so each has its own peak memory), all built from the same
 seeded checkpoint on disk and fed the same prompts and images; the main process alternates steps
@@ -280,7 +281,7 @@ def wrap(fn, monitor, name, when=lambda *a, **k: True):
 
 
 # --------------------------------------------------------------------------------------------- the sides
-def setup_ours(ckpt, settings, workdir):
+def setup_ours(ckpt, settings, workdir, rollout="hf"):
     from visual_rft.config import load_config
     from visual_rft.rewards import RewardSet, task_parser
     from visual_rft.rl.trainer import GRPOTrainer
@@ -289,7 +290,8 @@ def setup_ours(ckpt, settings, workdir):
     cfg = load_config(demo, [
         f"model.name_or_path={ckpt}", f"model.dtype={settings['dtype']}", f"model.device={settings['device']}",
         "data.image_size=null",
-        f"output.dir={workdir / 'ours'}", "output.progress=false", "output.save_steps=0",
+        f"output.dir={workdir / ('ours_' + rollout)}", "output.progress=false", "output.save_steps=0",
+        f"grpo.rollout={rollout}", f"grpo.vllm.kv_cache_gib={settings.get('kv_cache_gib', 1)}",
         f"grpo.num_generations={settings['group']}", f"grpo.per_device_batch_size={settings['prompts']}",
         "grpo.grad_accum_steps=1", f"grpo.max_completion_length={settings['new_tokens']}",
         f"grpo.beta={settings['beta']}", f"grpo.optim.learning_rate={settings['lr']}", "grpo.temperature=1.0",
@@ -298,12 +300,18 @@ def setup_ours(ckpt, settings, workdir):
     rewards = RewardSet(["length"], [length_reward], [1.0], task_parser(cfg.task.name, cfg.task.mode))
     trainer = GRPOTrainer(cfg, records(settings), rewards)
     trainer.suppress = suppress_ids(trainer.processor, trainer.policy)
+    # the rollout engine took the trainer's list at start-up; the bench's adds the EOS ids (and Gemma 3's extras)
+    if rollout == "vllm":
+        trainer.rollout_engine.bad_words = trainer.rollout_engine._suppressed_words(trainer.suppress)
+    else:
+        trainer.rollout_engine.suppress = trainer.suppress
     return trainer
 
 
 def step_ours(trainer, monitor, batch):
     trainer.model.eval()
-    with monitor.phase("rollout"):
+    with monitor.phase("rollout"):  # the weight sync counts as rollout: vLLM's copy must catch up every step
+        trainer.rollout_engine.sync(trainer.model)
         rollout = trainer.sample(batch)
     with monitor.phase("reward"):
         trainer.score(rollout)
@@ -423,8 +431,9 @@ def worker(side, ckpt, settings, workdir, conn):
 
     torch.manual_seed(0)
     monitor = Monitor(cuda=settings["device"] == "cuda")
-    if side == "ours":
-        trainer, step, batch = setup_ours(ckpt, settings, workdir), step_ours, records(settings)
+    if side in ("ours", "ours_vllm"):
+        rollout = "vllm" if side == "ours_vllm" else "hf"
+        trainer, step, batch = setup_ours(ckpt, settings, workdir, rollout), step_ours, records(settings)
         info = {"params": sum(p.numel() for p in trainer.model.parameters())}
     else:
         trainer, step, batch = setup_trl(ckpt, settings, workdir, side == "trl_tuned"), step_trl, trl_batch(settings)
@@ -570,6 +579,11 @@ def report(summary, flops, gflops, info, settings, args):
     print(f"speedup_vs_trl={summary['trl']['median'] / ours['median']:.2f} "
           f"speedup_vs_tuned_trl={summary['trl_tuned']['median'] / ours['median']:.2f} "
           f"peak_mem_ratio={ours['peak'] / summary['trl']['peak']:.2f}")
+    if "ours_vllm" in summary:  # the target: vLLM's rollout (generation + weight sync) <= 0.7 of ours-hf's
+        vllm = summary["ours_vllm"]
+        print(f"rollout_vllm_over_hf={vllm['times']['rollout'] / ours['times']['rollout']:.2f} "
+              f"step_vllm_over_hf={vllm['median'] / ours['median']:.2f} "
+              f"peak_mem_vllm_over_hf={vllm['peak'] / ours['peak']:.2f}")
 
 
 def main():
@@ -583,6 +597,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side (the first counts FLOPs)")
     parser.add_argument("--spin", action="store_true", help="keep OpenMP's default spin-waiting (see README)")
+    parser.add_argument("--vllm", action="store_true", help="add ours with vLLM rollouts (grpo.rollout=vllm)")
     args = parser.parse_args()
     if not args.spin:  # before torch loads libgomp, here and in the workers (they inherit the environment)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -596,28 +611,29 @@ def main():
         ckpt = build_checkpoint(workdir / "model", settings["model"], settings["image"], settings["arch"])
         gflops = [matmul_gflops(settings["device"], settings["dtype"])]
         pipes, procs = {}, []
-        for side in SIDES:  # all three start at once: the imports overlap
+        sides = SIDES + (("ours_vllm",) if args.vllm else ())
+        for side in sides:  # all start at once: the imports overlap
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker, args=(side, ckpt, settings, workdir, child), daemon=True)
             proc.start()
             pipes[side] = parent
             procs.append(proc)
-        info = {side: pipes[side].recv() for side in SIDES}
+        info = {side: pipes[side].recv() for side in sides}
         flops = {}
         for i in range(args.warmup):
-            for side in SIDES:
+            for side in sides:
                 pipes[side].send("count" if i == 0 else "warmup")
                 result = pipes[side].recv()
                 flops[side] = result["flops"] if i == 0 else flops[side]
                 print(f"warm-up {i + 1} {side}: {result['total']:.1f} s", flush=True)
-        results = {side: [] for side in SIDES}
+        results = {side: [] for side in sides}
         for i in range(args.steps):
-            order = SIDES[i % 3:] + SIDES[:i % 3]  # rotate who goes first: no side always runs on a cold cache
+            order = sides[i % len(sides):] + sides[:i % len(sides)]  # rotate who goes first: no side always runs on a cold cache
             for side in order:
                 pipes[side].send("step")
                 results[side].append(pipes[side].recv())
                 print(f"step {i + 1} {side}: {results[side][-1]['total']:.1f} s", flush=True)
-        for side in SIDES:
+        for side in sides:
             pipes[side].send("stop")
         for proc in procs:
             proc.join()

@@ -204,3 +204,49 @@ def test_every_served_family_decodes_and_scores_like_the_trainer(arch, tmp_path)
     # SmolVLM's processor resizes every image: vLLM's processor (torchvision) and the trainer's (PIL)
     # resample the 84-px image differently (measured 3.7e-5 nats); the others keep the pixels as given
     assert gap < (1e-4 if arch == "smolvlm" else 1e-5)
+
+
+def _launch(prefix, model_dir, data, out, *extra):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [*prefix, "-m", "visual_rft.cli", "train", str(DEMO_CONFIG), f"model.name_or_path={model_dir}",
+           f"data.train={data}", f"output.dir={out}", "grpo.max_steps=3", "grpo.num_generations=4",
+           "grpo.max_completion_length=8", "grpo.optim.learning_rate=1e-3", "grpo.beta=0.04", "output.progress=false",
+           "grpo.per_device_batch_size=1", "grpo.rollout=vllm", f"grpo.temperature={TEMPERATURE}",
+           "task.rewards=[accuracy, format, toy_rewards:text_length]", *extra]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return rows, load_file(str(out / "checkpoint-3" / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_two_processes_with_vllm_rollouts_match_one_process(engine, tiny_model_dir, digits_jsonl, tmp_path):
+    """One vLLM engine per rank, each seeded per global micro-batch slot: 2 processes draw what 1
+    process with the same per-device micro-batch (and accumulation 2) draws, and end at its weights."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    if engine == "ddp":
+        prefix = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    else:
+        pytest.importorskip("deepspeed")
+        zero3 = Path(__file__).parent.parent / "src" / "visual_rft" / "configs" / "accelerate" / "zero3.yaml"
+        prefix = [str(bin_dir / "accelerate"), "launch", "--config_file", str(zero3), "--num_processes", "2",
+                  "--mixed_precision", "no"]
+    two_rows, two = _launch(prefix, tiny_model_dir, digits_jsonl, tmp_path / "two", "grpo.grad_accum_steps=1")
+    one_rows, one = _launch([sys.executable], tiny_model_dir, digits_jsonl, tmp_path / "one", "grpo.grad_accum_steps=2")
+    for a, b in zip(one_rows, two_rows):
+        for key in ("reward/total_mean", "completion_length", "rollout/logp_diff_max"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    # as tests/test_deepspeed.py: AdamW's first steps turn reduction-order noise in gradients near eps
+    # into differences up to ~5e-5 under ZeRO-3; a lost or doubled step differs by the whole movement
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    diff = torch.cat([(one[k] - two[k]).flatten() for k in one])
+    moved = torch.cat([(one[k] - start[k]).flatten() for k in one])
+    print(f"{engine}: weights {diff.abs().max():.1e} apart (max) after moving {moved.abs().max():.1e}")
+    assert diff.abs().max() < 1e-4 and diff.norm() < 1e-3 * moved.norm() and moved.abs().max() > 1e-3

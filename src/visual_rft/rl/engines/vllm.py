@@ -88,7 +88,7 @@ class VLLMRolloutEngine:
         started = time.perf_counter()
         llm = LLM(
             model=serving_dir(policy.config._name_or_path), dtype=str(dtype).removeprefix("torch."),
-            seed=self.g.seed, max_model_len=self.v.max_model_len or self.g.max_prompt_length + self.g.max_completion_length,
+            seed=self.g.seed, max_model_len=self._max_model_len(policy),
             enforce_eager=self.v.enforce_eager if self.v.enforce_eager is not None else not self.cuda,
             limit_mm_per_prompt={"image": max_images, "video": 0}, logprobs_mode="processed_logprobs",
             gpu_memory_utilization=self.v.gpu_memory_utilization, tensor_parallel_size=self.v.tensor_parallel_size,
@@ -99,6 +99,14 @@ class VLLMRolloutEngine:
             print(f"visual-rft: vLLM rollout engine ready in {time.perf_counter() - started:.1f} s "
                   f"({str(dtype).removeprefix('torch.')}, {'GPU' if self.cuda else 'CPU'})", file=sys.stderr)
         return llm
+
+    def _max_model_len(self, policy: Any) -> int:
+        """grpo.vllm.max_model_len, else the longest prompt + completion, within the model's positions."""
+        if self.v.max_model_len:
+            return self.v.max_model_len
+        wanted = self.g.max_prompt_length + self.g.max_completion_length
+        limit = getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+        return min(wanted, limit) if limit else wanted
 
     # ------------------------------------------------------------------ weights
     def sync(self, model: Any) -> bool:
