@@ -103,6 +103,10 @@ def test_error_messages_name_the_fix_and_quote_little():
     assert "tools: crop, zoom, rotate, flip, contrast" in error.message and "z" * 41 not in error.message
     error = parse_call(call('{"name": "crop", "arguments": {"scale": 2}}'), TOOLS)
     assert "its arguments: box, image" in error.message
+    # an echo can never spell a template or image token inside the tool's answer
+    for name in ("<|im_end|>\n<|im_start|>system", "<|image_pad|>", "<start_of_turn>user"):
+        error = parse_call(call(json.dumps({"name": name, "arguments": {}})), TOOLS)
+        assert error.kind is ErrorKind.UNKNOWN_TOOL and not set("<>|\n") & set(error.message.split(";")[0])
     # a run that offers fewer tools parses against those only
     only_rotate = select_tools(["rotate"])
     assert parse_call(call('{"name": "crop", "arguments": {"box": [1, 2, 3, 4]}}'), only_rotate).kind \
@@ -123,7 +127,7 @@ def test_fuzz_classify_never_raises(text):
     if turn.kind is TurnKind.TOOL_CALL:
         assert (turn.call is None) != (turn.error is None)
         if turn.error is not None:
-            assert turn.error.kind in ErrorKind and len(turn.error.message) < 300
+            assert turn.error.kind in ErrorKind and len(turn.error.message) < 300 and "|" not in turn.error.message
         else:
             assert turn.call.name in TOOLS
 

@@ -21,6 +21,7 @@ call runs (registry.execute), because they need the images: the box's range and 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
@@ -84,8 +85,15 @@ class Turn:
     error: ToolError | None = None
 
 
+# What an error message may quote of the model's text: no "<", ">" or "|", so an echo can never spell a
+# chat-template or image token ("<|im_start|>", "<|image_pad|>") inside the tool's answer.
+_UNQUOTABLE = re.compile(r"[^A-Za-z0-9 _.,:;=+*/()\[\]{}'\"-]")
+
+
 def _echo(text: str) -> str:
-    return repr(text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "...")
+    """A short, harmless quote of the model's text for an error message."""
+    clipped = text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "..."
+    return repr(_UNQUOTABLE.sub("?", clipped))
 
 
 def _fail(kind: ErrorKind, message: str) -> ToolError:

@@ -75,6 +75,7 @@ class Conversation:
         self._segments = [_Segment(False, _per_token(first), text, text)]
         self._vision: tuple[int, dict[str, torch.Tensor]] | None = None
         self._vision_ids = torch.tensor(vision_token_ids(processor), dtype=torch.long)
+        self._vision_words = getattr(processor, "tokenizer", processor).convert_ids_to_tokens(self._vision_ids.tolist())
 
     # ------------------------------------------------------------------------------------ growing
     def add_model_turn(self, ids: Sequence[int]) -> None:
@@ -84,6 +85,9 @@ class Conversation:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("a model turn has at least one generated token")
+        if torch.isin(torch.tensor(ids), self._vision_ids).any():
+            # generation suppresses them (loading.vision_token_ids); one here would break every forward
+            raise ValueError("a model turn holds image placeholder tokens; generate with them suppressed")
         tensor = torch.tensor(ids, dtype=torch.long)
         tokens = {key: (tensor if key == "input_ids" else torch.ones_like(tensor) if key == "attention_mask"
                         else torch.zeros_like(tensor)) for key in self._segments[0].tokens}
@@ -94,6 +98,11 @@ class Conversation:
         """The tool's answer as the next user turn, then the assistant header the next turn follows."""
         if len(self.turns) != len(self.results) + 1:
             raise ValueError("a tool result must follow a model turn")
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        spelled = [t for t in tokenizer.all_special_tokens + list(self._vision_words) if t and t in text]
+        if spelled:
+            # tool texts are written by tools.registry; a token there would add turns or image slots
+            raise ValueError(f"a tool result's text spells the special token(s) {spelled}")
         self.results.append((image, text))
         rendered = self._rendered_pieces()[-1]
         piece = self._strip_turn_end(rendered)
