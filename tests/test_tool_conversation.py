@@ -8,7 +8,7 @@ from PIL import Image
 
 from visual_rft.models.loading import build_model_inputs, prompt_messages, render_messages
 from visual_rft.models.tiny import make_tiny_model
-from visual_rft.tools.conversation import Conversation, assistant_message, tool_result_message
+from visual_rft.tools.conversation import Conversation, assistant_message, batch_inputs, tool_result_message
 
 CALL = '<think>look</think><tool_call>\n{"name": "zoom", "arguments": {"box": [0, 0, 500, 500]}}\n</tool_call>'
 ANSWER = "<think>a seven</think><answer>7</answer>"
@@ -146,6 +146,34 @@ def test_other_families_render_tool_turns_like_their_processor(arch, one_thread)
     _assert_same(conv.model_inputs(), _reference(processor, conv, [CALL], [(result, "image 2: zoom")], 1))
     start, stop = conv.turn_spans()[0]
     assert conv.loss_mask().sum() == stop - start == len(turn)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "glm4v", "internvl"])
+def test_a_batch_of_conversations_equals_the_processors_left_padded_batch(arch, one_thread):
+    """Rows with different lengths and image counts (2, 1 and 1 + an error turn), as generation batches
+    the still-running conversations of a group."""
+    model, processor = make_tiny_model(seed=0, arch=arch)
+    eos = model.generation_config.eos_token_id
+    lead, end = _template_around_turns(processor, eos if isinstance(eos, list) else [eos])
+    red, green, blue = (Image.new("RGB", (56, 56), c) for c in ((200, 0, 0), (0, 200, 0), (0, 0, 200)))
+    grown = Conversation(processor, "What digit?", [red])
+    grown.add_model_turn(_ids(processor, lead + CALL, end))
+    grown.add_tool_result(green, "image 2: zoom")
+    fresh = Conversation(processor, "Which handwritten digit is this? Answer with a single digit.", [blue])
+    failed = Conversation(processor, "What digit?", [green])
+    failed.add_model_turn(_ids(processor, lead + CALL, end))
+    failed.add_tool_result(None, "error (bad_box): the box must have x1 < x2")
+    rows = [(grown, [CALL], [(green, "image 2: zoom")]), (fresh, [], []),
+            (failed, [CALL], [(None, "error (bad_box): the box must have x1 < x2")])]
+    texts = []
+    for conv, turns, results in rows:
+        messages = prompt_messages(conv.prompt, images=1)
+        for text, (image, answer) in zip(turns, results):
+            messages += [assistant_message(text), tool_result_message(answer, image is not None)]
+        texts.append(render_messages(processor, messages))
+    expected = processor(text=texts, images=[c.images for c, _, _ in rows], padding=True, padding_side="left",
+                         return_tensors="pt")
+    _assert_same(batch_inputs([c for c, _, _ in rows]), expected)
 
 
 def test_a_family_whose_image_tokens_depend_on_the_other_images_is_refused(one_thread):

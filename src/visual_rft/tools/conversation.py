@@ -173,18 +173,50 @@ class Conversation:
 
     def _vision_inputs(self) -> dict[str, torch.Tensor]:
         if self._vision is None or self._vision[0] != len(self.images):
-            text = "".join(s.text for s in self._segments if not s.model)
-            out = self.processor(text=[text], images=[self.images], add_special_tokens=False, return_tensors="pt")
-            ours = torch.cat([s.tokens["input_ids"] for s in self._segments if not s.model])
-            if not torch.equal(_vision_only(out["input_ids"][0], self._vision_ids),
-                               _vision_only(ours, self._vision_ids)):
-                # LLaVA-OneVision gives a lone image its tiles but several images only their base features:
-                # the prompt's image tokens change once a tool image joins, so earlier turns' ids go stale.
-                raise ValueError(f"{type(self.processor).__name__}: an image's tokens depend on the other "
-                                 "images of the prompt, so a conversation cannot grow by tool images")
-            per_token = set(_per_token(out))
-            self._vision = (len(self.images), {k: v for k, v in out.items() if k not in per_token})
+            self._vision = (len(self.images), _vision_inputs([self]))
         return dict(self._vision[1])
+
+    def _template_text(self) -> str:
+        return "".join(s.text for s in self._segments if not s.model)
+
+    def _template_ids(self) -> torch.Tensor:
+        return torch.cat([s.tokens["input_ids"] for s in self._segments if not s.model])
+
+
+def batch_inputs(conversations: Sequence[Conversation]) -> dict[str, torch.Tensor]:
+    """Several conversations (of one processor) as one left-padded batch, as build_model_inputs pads
+    prompts: per-token tensors padded on the left (pad id, attention 0, type ids 0), the family's
+    per-image tensors for every row's images in row order."""
+    if not conversations:
+        raise ValueError("no conversations to batch")
+    rows = [{key: torch.cat([s.tokens[key] for s in c._segments]) for key in c._segments[0].tokens}
+            for c in conversations]
+    width = max(row["input_ids"].numel() for row in rows)
+    tokenizer = getattr(conversations[0].processor, "tokenizer", conversations[0].processor)
+    batch = {}
+    for key in rows[0]:
+        fill = tokenizer.pad_token_id if key == "input_ids" else 0
+        batch[key] = torch.stack([torch.cat([torch.full((width - row[key].numel(),), fill, dtype=row[key].dtype),
+                                             row[key]]) for row in rows])
+    return {**batch, **_vision_inputs(conversations)}
+
+
+def _vision_inputs(conversations: Sequence[Conversation]) -> dict[str, torch.Tensor]:
+    """The family's per-image tensors of the conversations' images, from one processor call on their
+    template text (the layout, e.g. patches back to back or one entry per row, is the processor's)."""
+    first = conversations[0]
+    out = first.processor(text=[c._template_text() for c in conversations], images=[c.images for c in conversations],
+                          add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    for row, conv in enumerate(conversations):
+        if not torch.equal(_vision_only(out["input_ids"][row], first._vision_ids),
+                           _vision_only(conv._template_ids(), first._vision_ids)):
+            # LLaVA-OneVision gives a lone image its tiles but several images only their base features:
+            # the prompt's image tokens change once a tool image joins, so earlier turns' ids go stale.
+            raise ValueError(f"{type(first.processor).__name__}: an image's tokens depend on the other images "
+                             "of the prompt, so a conversation cannot grow by tool images")
+    per_token = {k for k, v in out.items() if torch.is_tensor(v) and v.dim() == 2
+                 and v.shape == out["input_ids"].shape}
+    return {k: v for k, v in out.items() if k not in per_token}
 
 
 def _vision_only(ids: torch.Tensor, vision_ids: torch.Tensor) -> torch.Tensor:
