@@ -12,7 +12,8 @@ from PIL import Image
 
 from visual_rft.tools.calls import (MAX_CALL_CHARS, MAX_TURN_CHARS, ErrorKind, ToolCall, TurnKind,
                                     classify_turn, parse_call)
-from visual_rft.tools.registry import TOOLS, ToolSettings, execute, select_tools, tool_schema, tools_prompt
+from visual_rft.tools.registry import (TOOLS, ToolSettings, execute, respond, select_tools, tool_schema,
+                                      tools_prompt)
 
 
 def call(body, think="<think>I need a closer look.</think>"):
@@ -206,6 +207,17 @@ def test_execute_rotate_flip_contrast_results():
     flipped = execute(ToolCall("flip", {"direction": "vertical", "image": 2}), [image, rotated.image], ToolSettings())
     assert np.asarray(flipped.image)[:, :, 0].tolist() == [[1, 4], [2, 5], [3, 6]]
     assert execute(ToolCall("contrast", {}), [image], ToolSettings()).text == "image 2: contrast of image 1, 3x2 pixels"
+
+
+def test_respond_runs_the_call_or_answers_its_error():
+    image = _image(20, 10)
+    ok = respond(classify_turn(call('{"name": "rotate", "arguments": {"angle": 90}}'), TOOLS), [image], ToolSettings())
+    assert ok.error is None and ok.image.size == (10, 20)
+    bad = respond(classify_turn(call('{"name": "rotate", "arguments": {"angle": 45}}'), TOOLS), [image],
+                  ToolSettings())
+    assert bad.image is None and bad.error.kind is ErrorKind.BAD_ARGUMENT and bad.text == bad.error.message
+    with pytest.raises(ValueError, match="final turn"):
+        respond(classify_turn("<think>x</think><answer>7</answer>", TOOLS), [image], ToolSettings())
 
 
 # ------------------------------------------------------------------------------------- the model's view

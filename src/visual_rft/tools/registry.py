@@ -19,7 +19,7 @@ from PIL import Image
 
 from visual_rft.tasks.boxes import BoxSpace, space_limits
 from visual_rft.tools import images as ops
-from visual_rft.tools.calls import ErrorKind, ToolCall, ToolError
+from visual_rft.tools.calls import ErrorKind, ToolCall, ToolError, Turn, TurnKind
 
 Frame = tuple[float, float]
 
@@ -136,6 +136,16 @@ def execute(call: ToolCall, images: Sequence[Image.Image], settings: ToolSetting
     detail = f" {json.dumps(shown)}" if shown else ""
     return ToolResult(out, f"image {len(images) + 1}: {call.name}{detail} of image {number}, "
                       f"{out.width}x{out.height} pixels")
+
+
+def respond(turn: Turn, images: Sequence[Image.Image], settings: ToolSettings,
+            tools: Mapping[str, ToolSpec] = TOOLS) -> ToolResult:
+    """The tool's answer to a TOOL_CALL turn (calls.classify_turn): the call's result, or its parse error."""
+    if turn.kind is not TurnKind.TOOL_CALL:
+        raise ValueError("a final turn gets no tool answer: the rollout ends there")
+    if turn.error is not None:
+        return ToolResult(None, turn.error.message, turn.error)
+    return execute(turn.call, images, settings, tools)
 
 
 # ----------------------------------------------------------------------------------- the model's view
