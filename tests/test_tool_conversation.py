@@ -86,6 +86,11 @@ def test_every_prefix_equals_the_processor_output(qwen):
         conv.add_tool_result(image, answer)
         _assert_same(conv.model_inputs(), _reference(qwen, conv, texts[:i + 1], results[:i + 1], 1))
     assert len(conv.images) == 3 and conv.model_inputs()["image_grid_thw"].size(0) == 3
+    # the conversation's own messages render to the same text the reference was built from
+    reference = prompt_messages(conv.prompt, images=1)
+    for text, (image, answer) in zip(texts, results):
+        reference += [assistant_message(text), tool_result_message(answer, image is not None)]
+    assert conv.messages() == reference
 
 
 def test_a_turn_end_the_model_did_not_write_is_the_templates(qwen):

@@ -146,6 +146,18 @@ class Conversation:
         return piece
 
     # ------------------------------------------------------------------------------------ reading
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat messages (the model's turns decoded without special tokens), with
+        `self.images` filling their image slots in order: for SFT trajectories and the report."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        messages = prompt_messages(self.prompt, system=self.system, images=self._prompt_images)
+        for i, ids in enumerate(self.turns):
+            messages.append(assistant_message(tokenizer.decode(ids, skip_special_tokens=True)))
+            if i < len(self.results):
+                image, text = self.results[i]
+                messages.append(tool_result_message(text, image is not None))
+        return messages
+
     def input_ids(self) -> torch.Tensor:
         """The whole conversation's ids [L]."""
         return torch.cat([s.tokens["input_ids"] for s in self._segments])
