@@ -21,7 +21,7 @@ PACKAGE = "visual_rft.data"
 LAYERS = {
     "__init__": 0, "errors": 0, "record": 0,
     "rows": 1, "targets": 1, "ov_splits": 1, "fewshot": 1, "embedded": 1, "check": 1,
-    "record_files": 2, "coco": 2, "lisa": 2, "trees": 2,
+    "record_files": 2, "coco": 2, "lisa": 2, "trees": 2, "tool_digits": 2,
     "detection_source": 3,
     "sources": 4,
 }

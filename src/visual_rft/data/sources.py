@@ -16,19 +16,24 @@ from visual_rft.data.errors import DataError
 from visual_rft.data.fewshot import group_by, sample_k_shot, write_split
 from visual_rft.data.record import Record
 from visual_rft.data.record_files import load_record_files
+from visual_rft.data.tool_digits import NAMES as TOOL_DIGITS, tool_digits_from_spec
 from visual_rft.data.trees import trees_from_spec
 
 _DIGITS = {"mnist": mnist_records, "sklearn_digits": sklearn_digits_records}
 
 
 def _load_embedded(spec: str, *, limit: int | None, box_space: str | None, **_: Any) -> list[Record]:
-    """`embedded:mnist`, `embedded:sklearn_digits` or `embedded:trees[::split][?options]`."""
+    """`embedded:mnist`, `embedded:sklearn_digits`, `embedded:trees[::split][?options]`, or the tool
+    tasks `embedded:mnist_rotated[?options]` / `embedded:mnist_small[?options]` (data/tool_digits.py)."""
     name = spec.split(":", 1)[1]
-    if name.split("::")[0].split("?")[0] == "trees":
+    base = name.split("::")[0].split("?")[0]
+    if base == "trees":
         return trees_from_spec(name, limit=limit, box_space=box_space)
+    if base in TOOL_DIGITS:
+        return tool_digits_from_spec(name, limit=limit, box_space=box_space)
     if name not in _DIGITS:
         raise DataError(f"{spec}: unknown embedded dataset (available: embedded:mnist, embedded:sklearn_digits, "
-                        "embedded:trees)")
+                        "embedded:trees, embedded:mnist_rotated, embedded:mnist_small)")
     return _DIGITS[name](limit=limit)
 
 

@@ -218,12 +218,27 @@ def vision_token_ids(processor, config=None) -> list[int]:
     return sorted(ids)
 
 
-def _messages(prompt: str, *, system: str | None, images: int) -> list[dict]:
+def prompt_messages(prompt: str, *, system: str | None = None, images: int = 1) -> list[dict]:
+    """The chat messages of a prompt: the optional system turn, then one user turn with `images` image
+    slots followed by the text."""
     content = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
     return messages
+
+
+def render_messages(processor, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+    """Chat `messages` as text, through the processor's chat template.
+
+    Rendered by the tokenizer with the processor's template: the same text as the processor's own
+    apply_chat_template, which in some families (SmolVLM) reads the video processor we leave out.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+        chat_template=getattr(processor, "chat_template", None),
+    )
 
 
 def chat_text(
@@ -235,15 +250,10 @@ def chat_text(
     The answer is appended to the generation prompt rather than rendered by the template, so the
     prompt part is byte-identical to what generation sees (SFT masks exactly those tokens).
     """
-    # Rendered by the tokenizer with the processor's template: the same text as the processor's own
-    # apply_chat_template, which in some families (SmolVLM) reads the video processor we leave out.
-    tokenizer = getattr(processor, "tokenizer", processor)
-    text = tokenizer.apply_chat_template(
-        _messages(prompt, system=system, images=images), add_generation_prompt=True, tokenize=False,
-        chat_template=getattr(processor, "chat_template", None),
-    )
+    text = render_messages(processor, prompt_messages(prompt, system=system, images=images))
     if answer is None:
         return text
+    tokenizer = getattr(processor, "tokenizer", processor)
     end = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token
     return text + answer + end
 
