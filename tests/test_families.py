@@ -12,7 +12,8 @@ import torch
 from visual_rft.cli import main
 from visual_rft.data.embedded import mnist_records
 from visual_rft.models.families import FAMILIES, default_box_space, fast_paths
-from visual_rft.models.loading import build_model_inputs, load_model_and_processor, vision_token_ids
+from visual_rft.models.loading import (build_model_inputs, load_model_and_processor, pixel_rows_per_prompt,
+                                      vision_token_ids)
 from visual_rft.models.tiny import build_tiny_model
 from visual_rft.rl.fast import can_pack, generate_grouped, group_logprobs, prefill_once_blocker, rollout_logprobs
 from visual_rft.rl.rollout import Rollout, eos_token_ids, generate, repeat_inputs, scoring_inputs
@@ -196,6 +197,18 @@ def test_mixed_image_counts_score_like_a_plain_forward(family):
     rollout = _fixed_rollout(model, processor, group, repeated)
     assert can_pack(model, rollout) == fast_paths(model.config).packed_scoring  # the shortcut runs where it does
     _assert_scores_like_a_plain_forward(model, rollout, reference)
+
+
+def test_pixel_rows_are_counted_for_the_one_row_per_tile_families_only(family):
+    """InternVL (one pixel row per tile) and Gemma 3 (per crop) count each prompt's rows from its
+    placeholders; the other layouts are read from the tensors. Either way the repeat is the reference."""
+    arch, _, _, processor, _ = family
+    group, reference = _mixed(processor)
+    rows = pixel_rows_per_prompt(processor, group)
+    assert rows == ([1, 2] if arch in ("internvl", "gemma3") else None)  # 56-px digits: one tile each
+    repeated = repeat_inputs(group, G, IMAGES_PER_ROW, rows)
+    for key, value in reference.items():
+        assert not torch.is_tensor(value) or torch.equal(repeated[key], value), key
 
 
 def test_mixed_image_counts_generate_like_generate(family):

@@ -34,6 +34,11 @@ class Family:
     # The forward takes a {layer type: 4-D mask} dict (transformers' mask mapping), so a packed row can
     # carry its own sliding-window and bidirectional-image masks (rl/fast.packed_masks)
     mask_mapping: bool = False
+    # Where pixel_values holds one entry per tile or crop and an image's count varies (with its size,
+    # or pan-and-scan): (processor attribute with the placeholder token id, processor attribute with
+    # how many of them each entry gets, None for one). Each prompt's entry count is counted from them
+    # (models.loading.pixel_rows_per_prompt): rl.rollout.repeat_inputs cannot tell it from the tensors.
+    tile_tokens: tuple[str, str | None] | None = None
 
 
 _QWEN_RELATIVE = "Qwen2-VL / Qwen3-VL grounding data is 0-1000 relative"
@@ -48,8 +53,11 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl_moe": Family("Qwen3VLProcessor", "qwen2vl", _QWEN_RELATIVE, True),
     "qwen3_5": Family("Qwen3VLProcessor", "qwen2vl", "Qwen3.5 keeps Qwen3-VL's 0-1000 relative boxes", True),
     "glm4v": Family("Glm4vProcessor", "qwen2vl", "GLM-4V answers boxes in 0-1000 relative coordinates", True),
-    "internvl": Family("InternVLProcessor", "qwen2vl", "InternVL's grounding data is 0-1000 relative", False),
-    "gemma3": Family("Gemma3Processor", "qwen2vl", "Gemma 3: " + _NO_CONVENTION, False, mask_mapping=True),
+    # InternVL: image_seq_length context tokens per tile; Gemma 3: one <start_of_image> per image or crop
+    "internvl": Family("InternVLProcessor", "qwen2vl", "InternVL's grounding data is 0-1000 relative", False,
+                       tile_tokens=("image_token_id", "image_seq_length")),
+    "gemma3": Family("Gemma3Processor", "qwen2vl", "Gemma 3: " + _NO_CONVENTION, False, mask_mapping=True,
+                     tile_tokens=("image_token_id", None)),
     "smolvlm": Family("SmolVLMProcessor", "qwen2vl", "SmolVLM: " + _NO_CONVENTION, False,
                       "transformers.models.smolvlm.image_processing_pil_smolvlm:SmolVLMImageProcessorPil"),
     "llava_onevision": Family("LlavaOnevisionProcessor", "qwen2vl", "LLaVA-OneVision: " + _NO_CONVENTION, False),
@@ -128,6 +136,17 @@ def load_family_processor(path: str, model_type: str) -> ProcessorMixin:
     image_processor = getattr(importlib.import_module(module), attr).from_pretrained(path)
     processor_dict, kwargs = cls.get_processor_dict(path)
     return cls.from_args_and_dict([image_processor, AutoTokenizer.from_pretrained(path)], processor_dict, **kwargs)
+
+
+def tile_placeholders(processor: Any) -> tuple[int, int] | None:
+    """(placeholder token id, placeholders per pixel_values entry) for a processor of a family with a
+    `tile_tokens` entry, found by the processor's (stock) class; None for every other processor."""
+    classes = {cls.__name__ for cls in type(processor).__mro__}
+    for entry in FAMILIES.values():
+        if entry.tile_tokens is not None and entry.processor in classes:
+            token, per_entry = entry.tile_tokens
+            return int(getattr(processor, token)), int(getattr(processor, per_entry)) if per_entry else 1
+    return None
 
 
 def register_processors() -> None:

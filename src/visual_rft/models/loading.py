@@ -19,7 +19,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from visual_rft.models.families import (config_vision_token_ids, load_family_processor, processor_class_for,
-                                        processor_vision_tokens)
+                                        processor_vision_tokens, tile_placeholders)
 
 # Placeholder / delimiter tokens that only the processor may place: a sampled <|image_pad|> makes the
 # next forward fail with "Image features and image tokens do not match", so generation suppresses them
@@ -271,3 +271,23 @@ def build_model_inputs(
     texts = [chat_text(processor, prompt, system=system, images=len(row)) for prompt, row in zip(prompts, nested)]
     # Nested per prompt: Gemma 3 and SmolVLM need it, every other family accepts it.
     return processor(images=nested, text=texts, padding=True, padding_side="left", return_tensors="pt")
+
+
+def pixel_rows_per_prompt(processor, inputs) -> list[int] | None:
+    """How many `pixel_values` entries each prompt row of `inputs` (build_model_inputs' output) holds,
+    for the families whose entries are tiles or crops in varying numbers per image (families.py
+    tile_tokens: InternVL, whose processor tiles by image size whatever the saved crop_to_patches
+    says, and Gemma 3 under pan-and-scan), counted from each row's placeholder tokens. None for the
+    other families and for a batch without images: rl.rollout.repeat_inputs reads their layout
+    (per patch with a grid, per image, per row) from the tensors."""
+    placeholders = tile_placeholders(processor)
+    pixels = inputs.get("pixel_values")
+    if placeholders is None or pixels is None:
+        return None
+    image_id, per_entry = placeholders
+    tokens = (inputs["input_ids"] == image_id).sum(1).tolist()
+    rows = [count // per_entry for count in tokens]
+    if any(count % per_entry for count in tokens) or sum(rows) != pixels.size(0):
+        raise ValueError(f"image placeholder counts {tokens} per prompt are not {per_entry} per pixel_values entry "
+                         f"for {pixels.size(0)} entries: families.py tile_tokens does not describe this batch")
+    return rows

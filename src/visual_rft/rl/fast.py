@@ -155,6 +155,7 @@ def generate_grouped(
     sampler: str | None = None,
     prefill_once: bool = True,
     images_per_row: list[int] | None = None,
+    pixel_rows: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`generate` on the prompts repeated `group_size` times in a row, with each prompt prefilled once.
 
@@ -164,13 +165,14 @@ def generate_grouped(
     sampler="multinomial" it is transformers' own, and one RNG state gives the very same tokens.
     The default is `default_sampler`. `prefill_once=False` (grpo.fast=off), or a model or batch the
     shortcut does not fit (prefill_once_blocker), runs transformers' generate instead, on the prompts
-    repeated (`images_per_row`: each prompt's image count, see repeat_inputs).
+    repeated (`images_per_row`: each prompt's image count, `pixel_rows`: its tile count where the family
+    tiles, see repeat_inputs).
     Only the explicit settings apply: sampling defaults stored in a checkpoint's generation_config
     (repetition_penalty, a default top_k) are not picked up.
     """
     blocked = not prefill_once or prefill_once_blocker(model, group_inputs, group_size) is not None
     if blocked:  # switched off, nothing to share, or positions this code cannot continue
-        return generate(model, tokenizer, repeat_inputs(group_inputs, group_size, images_per_row),
+        return generate(model, tokenizer, repeat_inputs(group_inputs, group_size, images_per_row, pixel_rows),
                         max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, suppress_ids=suppress_ids)
     positions, start = prompt_positions(model, group_inputs)

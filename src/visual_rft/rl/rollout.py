@@ -125,35 +125,43 @@ def scoring_inputs(prompt_inputs: dict[str, torch.Tensor], completion_ids: torch
 _GRIDS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
 
-def _image_blocks(inputs: dict[str, torch.Tensor], key: str, counts: list[int]) -> list[torch.Tensor]:
+def _image_blocks(inputs: dict[str, torch.Tensor], key: str, counts: list[int],
+                  pixel_rows: list[int] | None = None) -> list[torch.Tensor]:
     """`inputs[key]` split into one block per prompt row, row r holding `counts[r]` images.
 
     Qwen-VL / GLM-4V put all images' patches back to back (image i has prod(image_grid_thw[i]) rows);
-    Gemma 3 and LLaVA-OneVision have one leading entry per image, InternVL one per tile (equal counts
-    per image when tiling is off or uniform); SmolVLM one per prompt row (its images padded per row).
+    LLaVA-OneVision has one leading entry per image, SmolVLM one per prompt row (its images padded per
+    row); InternVL one per tile and Gemma 3 one per image and pan-and-scan crop, an image's count
+    depending on its size: their entries are split by `pixel_rows` (each row's entry count, from
+    models.loading.pixel_rows_per_prompt), or by image where every image has one, never guessed.
     """
     value, grid = inputs[key], inputs.get(_GRIDS.get(key, ""))
     rows, images = len(counts), sum(counts)
     if grid is not None:
         per_image = value.split(grid.prod(-1).tolist())
-    elif value.size(0) == rows:  # one entry per row (also: one image per row, every layout)
-        return list(value.split(1))
-    elif value.size(0) % images == 0:
-        per_image = value.split(value.size(0) // images)
+    elif value.size(0) == rows or rows == 1:  # one entry per row (also: one image per row), or a lone row
+        return list(value.split(value.size(0) // rows))
+    elif pixel_rows is not None and value.size(0) == sum(pixel_rows):
+        return list(value.split(pixel_rows))
+    elif value.size(0) == images:
+        per_image = value.split(1)
     else:
         raise ValueError(f"cannot tell which of the {value.size(0)} {key} rows belong to which of {images} images "
-                         "(images tiled into different numbers of tiles): turn tiling off in the image processor")
+                         "(images tiled, maybe into different numbers of tiles): pass each prompt's pixel row count "
+                         "(models.loading.pixel_rows_per_prompt) or turn tiling off in the image processor")
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     return [torch.cat(per_image[start:end]) for start, end in zip(bounds, bounds[1:])]
 
 
-def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int,
-                  images_per_row: list[int] | None = None) -> dict[str, torch.Tensor]:
+def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int, images_per_row: list[int] | None = None,
+                  pixel_rows: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Processor output with every row repeated `repeats` times in a row, images included.
 
     `images_per_row` (default: one each) tells which images belong to which prompt: per-image tensors
     (pixel values whatever the family's layout, image grids, image sizes; see _image_blocks) are
-    repeated per row's block of images, per-row tensors row by row.
+    repeated per row's block of images, per-row tensors row by row. `pixel_rows`: how many pixel-value
+    entries each prompt holds where a family has one per tile (models.loading.pixel_rows_per_prompt);
+    without it a batch of tiled images raises rather than guess which tiles are whose.
     """
     if repeats == 1:
         return dict(inputs)
@@ -161,13 +169,16 @@ def repeat_inputs(inputs: dict[str, torch.Tensor], repeats: int,
     counts = list(images_per_row) if images_per_row is not None else [1] * rows
     if len(counts) != rows or min(counts) < 1:
         raise ValueError(f"images_per_row {counts} does not give every one of the {rows} prompts an image")
-    images = sum(counts)
+    if pixel_rows is not None and (len(pixel_rows) != rows or any(p < c for p, c in zip(pixel_rows, counts))):
+        raise ValueError(f"pixel_rows {list(pixel_rows)} does not give each of the {rows} prompts at least one entry "
+                         f"per image (images_per_row {counts})")
+    images, tiles = sum(counts), sum(pixel_rows) if pixel_rows is not None else None
     out = {}
     for key, value in inputs.items():
         if not torch.is_tensor(value) or value.dim() == 0:
             out[key] = value
-        elif key in _GRIDS or (value.size(0) == images != rows):
-            out[key] = torch.cat([b for b in _image_blocks(inputs, key, counts) for _ in range(repeats)])
+        elif key in _GRIDS or (value.size(0) in (images, tiles) and value.size(0) != rows):
+            out[key] = torch.cat([b for b in _image_blocks(inputs, key, counts, pixel_rows) for _ in range(repeats)])
         elif value.size(0) == rows:
             out[key] = value.repeat_interleave(repeats, dim=0)
         else:
