@@ -100,7 +100,7 @@ class _OffsetSampler:
 
         g = request.group_size
         rollout = Rollout(request.records, [""] * len(drawn.texts), repeat_inputs(request.group_inputs, g,
-                          request.images_per_row), drawn.ids, drawn.mask, drawn.texts,
+                          request.images_per_row, request.pixel_rows), drawn.ids, drawn.mask, drawn.texts,
                           group_inputs=request.group_inputs, group_size=g, temperature=self.trainer.g.temperature)
         with torch.no_grad():
             logp = rollout_logprobs(model, rollout, fast=False)

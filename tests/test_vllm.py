@@ -165,12 +165,6 @@ def test_training_with_vllm_rollouts_learns_and_resumes_exactly(small_cfg, tmp_p
 VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "smolvlm", "glm4v"]
 
 
-def second_size(arch):
-    """84 px beside 56 px, except for InternVL, whose tiles the hf path cannot yet assign to images of
-    different sizes (repeat_inputs; found by this test, tracked in the README's families table)."""
-    return 56 if arch == "internvl" else 84
-
-
 @pytest.mark.parametrize("arch", VLLM_FAMILIES)
 def test_every_served_family_decodes_and_scores_like_the_trainer(arch, tmp_path):
     """Greedy tokens equal the hf path's; sampled log-probs equal a plain forward's, on prompts whose
@@ -183,7 +177,7 @@ def test_every_served_family_decodes_and_scores_like_the_trainer(arch, tmp_path)
     path = build_tiny_model(tmp_path / arch, arch=arch)
     digits = mnist_records(limit=2, size=56)
     records = [Record(digits[0].load_image(), "Which digit is this?", digits[0].solution, digits[0].fields, "a"),
-               Record(digits[1].load_image().resize((second_size(arch),) * 2), "Which digit is shown?", digits[1].solution,
+               Record(digits[1].load_image().resize((84, 84)), "Which digit is shown?", digits[1].solution,
                       digits[1].fields, "b")]
     cfg = load_config(DEMO_CONFIG, [
         f"model.name_or_path={path}", "data.image_size=null", f"output.dir={tmp_path / 'run'}", "output.progress=false",

@@ -15,7 +15,7 @@ from visual_rft.config import Config, save_config
 from visual_rft.data.record import Record, columns_of
 from visual_rft.engine import Engine
 from visual_rft.evaluate import TrainingEval
-from visual_rft.models.loading import load_reference_model, vision_token_ids
+from visual_rft.models.loading import load_reference_model, pixel_rows_per_prompt, vision_token_ids
 from visual_rft.optim import NonFiniteGuard, make_scheduler, seed_everything, shard, slot_seed, step_indices, total_steps
 from visual_rft.preemption import Preempted, StopSignals
 from visual_rft.preflight import find_resume_checkpoint
@@ -90,10 +90,12 @@ class GRPOTrainer:
         group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
                                       max_prompt_length=self.g.max_prompt_length)
         images_per_row = [len(record.images) for record in batch]
-        drawn = self.rollout_engine.generate(self.model, RolloutRequest(batch, group, images_per_row, g, seed))
+        pixel_rows = pixel_rows_per_prompt(self.processor, group)  # tiles per prompt where the family tiles
+        drawn = self.rollout_engine.generate(self.model, RolloutRequest(batch, group, images_per_row, g, seed,
+                                                                        pixel_rows=pixel_rows))
         records = [r for r in batch for _ in range(g)]
         prompts = [p for p in prompts for _ in range(g)]
-        repeated = repeat_inputs(group, g, images_per_row)
+        repeated = repeat_inputs(group, g, images_per_row, pixel_rows)
         rollout = Rollout(records, prompts, repeated, drawn.ids, drawn.mask, drawn.texts, group_inputs=group,
                           group_size=g, temperature=self.g.temperature,
                           truncated=~torch.isin(drawn.ids, self.eos.to(drawn.ids.device)).any(dim=1).cpu(),

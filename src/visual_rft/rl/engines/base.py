@@ -19,6 +19,7 @@ class RolloutRequest:
     images_per_row: list[int]  # each prompt's image count (rows may differ)
     group_size: int
     seed: int | None = None  # this micro-batch slot's sampling seed (None: from torch's global RNG)
+    pixel_rows: list[int] | None = None  # each prompt's pixel_values entries where the family tiles
 
 
 @dataclass

@@ -39,6 +39,7 @@ class HFRolloutEngine:
                 policy, self.tokenizer, request.group_inputs, g, max_new_tokens=self.g.max_completion_length,
                 temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
                 sampler=sampler, prefill_once=prefill, images_per_row=request.images_per_row,
+                pixel_rows=request.pixel_rows,
             )
         # Without prefill-once, transformers' generate draws by multinomial whatever the setting.
         return Generation(ids, mask, texts, paths={"prefill_once": prefill,
