@@ -22,7 +22,8 @@ def _log_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: t
                  level: str) -> torch.Tensor:
     """log w [B, T] before any cap: per token, or the completion's summed log-ratio on each of its tokens."""
     valid = mask.bool()
-    log_ratio = torch.where(valid, trainer_logp.detach() - sampler_logp.to(trainer_logp), torch.zeros_like(trainer_logp))
+    delta = trainer_logp.detach() - sampler_logp.to(trainer_logp)
+    log_ratio = torch.where(valid, delta, torch.zeros_like(delta))
     return log_ratio.sum(1, keepdim=True).expand_as(log_ratio) if level == "sequence" else log_ratio
 
 

@@ -31,7 +31,8 @@ class HFRolloutEngine:
     def generate(self, model: Any, request: RolloutRequest) -> Generation:
         g = request.group_size
         prefill = self.fast and self.shortcut("prefill_once", prefill_once_blocker(model, request.group_inputs, g))
-        sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(request.group_inputs["input_ids"].device)
+        device = request.group_inputs["input_ids"].device
+        sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(device)
         if request.seed is not None:
             torch.manual_seed(request.seed)
         with self.training_engine.generation_weights(model) as policy:  # ZeRO-3 / FSDP: gather once

@@ -143,36 +143,43 @@ class VLLMRolloutEngine:
             prompts.append({"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}})
         return prompts
 
-    def _params(self, base_seed: int, rows: int) -> list[Any]:
+    def _params(self, base_seed: int, rows: int, group_size: int) -> list[Any]:
         from vllm import SamplingParams
 
         # vLLM draws one greedy completion per prompt: the G identical ones are copies (generate below)
-        n = self.g_size if self.g.temperature > 0 else 1
+        n = group_size if self.g.temperature > 0 else 1
         return [SamplingParams(n=n, temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k,
                                max_tokens=self.g.max_completion_length, logprobs=0, seed=_row_seed(base_seed, row),
                                stop_token_ids=self.eos, bad_words=self.bad_words or None, detokenize=False)
                 for row in range(rows)]
 
     def generate(self, model: Any, request: RolloutRequest) -> Generation:
-        self.g_size = request.group_size
         seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        outputs = self.llm.generate(self._prompts(request), self._params(seed, len(request.records)), use_tqdm=False)
+        params = self._params(seed, len(request.records), request.group_size)
+        outputs = self.llm.generate(self._prompts(request), params, use_tqdm=False)
         self._check_prompts(outputs, request.group_inputs)
         copies = request.group_size if self.g.temperature == 0 else 1
-        samples = [sample for out in outputs for sample in sorted(out.outputs, key=lambda s: s.index) for _ in range(copies)]
+        samples = [sample for out in outputs for sample in sorted(out.outputs, key=lambda s: s.index)
+                   for _ in range(copies)]
+        ids, logp = self._padded(samples)
+        mask = completion_mask(ids, self.eos)
+        texts = decode_completions(self.tokenizer, ids, mask)
+        self.sleep()
+        return Generation(ids.to(self.device), mask.to(self.device), texts, sampler_logp=(logp * mask).to(self.device),
+                          paths={"vllm": True})
+
+    def _padded(self, samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [N, T] padded after each completion, and each sampled token's log-prob [N, T]."""
         length = max(1, max(len(s.token_ids) for s in samples))
         ids = torch.full((len(samples), length), self.tokenizer.pad_token_id, dtype=torch.long)
         logp = torch.zeros(len(samples), length)
         for row, sample in enumerate(samples):
             n = len(sample.token_ids)
             ids[row, :n] = torch.tensor(sample.token_ids)
-            logp[row, :n] = torch.tensor([next(iter(step.values())).logprob if len(step) == 1 else
-                                          step[token].logprob for token, step in zip(sample.token_ids, sample.logprobs)])
-        mask = completion_mask(ids, self.eos)
-        texts = decode_completions(self.tokenizer, ids, mask)
-        self.sleep()
-        return Generation(ids.to(self.device), mask.to(self.device), texts, sampler_logp=(logp * mask).to(self.device),
-                          paths={"vllm": True})
+            # logprobs=0: each step's dict holds the sampled token (and nothing else)
+            logp[row, :n] = torch.tensor([step[token].logprob
+                                          for token, step in zip(sample.token_ids, sample.logprobs)])
+        return ids, logp
 
     def _check_prompts(self, outputs: list[Any], group_inputs: dict[str, torch.Tensor]) -> None:
         """vLLM's prompt tokens must be the trainer's: the same image expansion (a double expansion or a
