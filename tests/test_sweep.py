@@ -263,5 +263,5 @@ def test_methods_and_base_strengths_each_get_their_search_cells_and_gap(tmp_path
     assert "**base: 400-step warm-up, held-out accuracy 0.650**" in markdown
     assert "| RFT no-think − SFT |" in markdown.splitlines()[2]
     zero_width = "+0.300 [+0.300, +0.300] p<0.001"  # every seed's no-think run is exactly 0.3 above SFT's
-    assert f"| 100 steps (0.350) | RFT no-think | {zero_width} | {zero_width} |" in markdown
+    assert f"| 100 steps (0.350) | RFT no-think − SFT | {zero_width} | {zero_width} |" in markdown
     assert (out / "base-b100.json").is_file() and "cpu" in json.loads((out / "base-b400.json").read_text())

@@ -151,4 +151,16 @@ def test_gap_table_by_base_carries_intervals():
     for cell in summary["cells"]:
         cell["base_steps"] = 300
     summary["bases"] = [{"base_steps": 300, "value": 0.9}]
-    assert "| 300 steps (0.900) | RFT | +0.020 [-0.005, +0.045] p=0.074 |" in gap_markdown(summary)
+    assert "| 300 steps (0.900) | RFT − SFT | +0.020 [-0.005, +0.045] p=0.074 |" in gap_markdown(summary)
+
+
+def test_no_thinking_is_also_compared_with_thinking_rft():
+    summary = _summary()
+    nothink = {**cell_stats([0.91, 0.95, 0.93]), "k": 1, "method": "rft_nothink", "base_steps": None,
+               "seeds": [0, 1, 2]}
+    summary["cells"].append(nothink)
+    summary["methods"] = ["sft", "rft", "rft_nothink"]
+    text = markdown(summary)
+    assert "| RFT − SFT | RFT no-think − SFT | RFT no-think − RFT |" in text
+    # no-think - RFT per seed: -0.01, +0.02, -0.01: mean 0, so t = 0 and p = 1
+    assert text.rstrip().endswith("| +0.000 [-0.043, +0.043] p=1.000 (paired): no clear difference |")

@@ -1,8 +1,10 @@
 """A data-efficiency sweep's outputs, rebuilt from its results.jsonl: the table (JSON + markdown),
-the plot (held-out metric vs examples per class: SFT and RFT means with their seed range, the base as
-a line) and the report's section showing both. `visual-rft sweep` writes the table and plot here
-(write_tables); the report reads them back from the sweep's folder (sweep_folder_section), for the
-sweep's own report.html and for `visual-rft report SWEEP_DIR` alike."""
+the plot (held-out metric vs examples per class: each method's mean with its 95% interval over seeds,
+the base as a line) and the report's section showing both. Every cell carries its 95% t interval and
+every gap (to SFT; no-thinking to thinking RFT) its interval and two-sided p (report/stats.py), in
+table.json, table.md and the report. `visual-rft sweep` writes the table and plot here (write_tables);
+the report reads them back from the sweep's folder (sweep_folder_section), for the sweep's own
+report.html and for `visual-rft report SWEEP_DIR` alike."""
 
 from __future__ import annotations
 
@@ -55,9 +57,9 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], best: dict[str, float]) -
                 if found:
                     cells.append({"k": k, "method": method, "base_steps": b, "seeds": [r["seed"] for r in found],
                                   **cell_stats([r["value"] for r in found])})
-    gaps = [{"k": k, "method": m, "base_steps": b, **cell_gap(sft, other)}
-            for b in bases for k in s.ks for m in s.methods if m != "sft"
-            for sft, other in [(_find(cells, k, "sft", b), _find(cells, k, m, b))] if sft and other]
+    gaps = [{"k": k, "method": m, "versus": ref, "base_steps": b, **cell_gap(before, after)}
+            for b in bases for k in s.ks for m, ref in compared(s.methods)
+            for before, after in [(_find(cells, k, ref, b), _find(cells, k, m, b))] if before and after]
     search = [{"method": r["method"], "base_steps": r.get("base_steps"), "learning_rate": r["learning_rate"],
                "value": r["value"]} for r in rows if r["phase"] == "search"]
     first = base_rows.get(bases[0])
@@ -119,34 +121,45 @@ def gap_text(gap: dict[str, Any], brief: bool = False) -> str:
     return text if brief else f"{text} ({gap['test']})"
 
 
-def verdict(sft: dict[str, Any] | None, other: dict[str, Any] | None, name: str = "RFT") -> str:
-    """`other` (called `name`) minus SFT: the mean gap, its 95% interval and two-sided p (paired over
-    seeds, or Welch), and what the interval says: who is ahead, or no clear difference (it spans 0)."""
-    if sft is None or other is None:
+def verdict(ref: dict[str, Any] | None, other: dict[str, Any] | None, name: str = "RFT",
+            ref_name: str = "SFT") -> str:
+    """`other` (called `name`) minus `ref` (SFT unless named): the mean gap, its 95% interval and
+    two-sided p (paired over seeds, or Welch), and what the interval says: who is ahead, or no clear
+    difference (it spans 0)."""
+    if ref is None or other is None:
         return "—"
-    gap = cell_gap(sft, other)
+    gap = cell_gap(ref, other)
     if gap["p"] is None:
         return gap_text(gap)
     if gap["low"] > 0 or gap["high"] < 0:
-        return f"{gap_text(gap)}: {name if gap['gap'] > 0 else 'SFT'} ahead"
+        return f"{gap_text(gap)}: {name if gap['gap'] > 0 else ref_name} ahead"
     return f"{gap_text(gap)}: no clear difference"
 
 
-def _rivals(summary: dict[str, Any]) -> list[str]:
-    """The methods compared with SFT (a gap column each), when SFT ran."""
-    methods = _methods(summary)
-    return [m for m in methods if m != "sft"] if "sft" in methods else []
+def compared(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The gaps a table shows, as (method, reference): each method against SFT when SFT ran, and
+    no-thinking against thinking RFT when both ran (the paper's and CLS-RL's question)."""
+    pairs = [(m, "sft") for m in methods if m != "sft"] if "sft" in methods else []
+    return pairs + ([("rft_nothink", "rft")] if {"rft", "rft_nothink"} <= set(methods) else [])
+
+
+def _rivals(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    return compared(_methods(summary))
+
+
+def _gap_name(pair: tuple[str, str]) -> str:
+    return f"{SHORT[pair[0]]} − {SHORT[pair[1]]}"
 
 
 def _rows(summary: dict[str, Any], base: dict[str, Any], text: bool = False) -> list[list[Any]]:
-    """One row per k: k, the base's value (`text`: as 0.123), each method's cell, each rival's gap to SFT."""
+    """One row per k: k, the base's value (`text`: as 0.123), each method's cell, each compared gap."""
     b, value = base["base_steps"], base["value"]
     shown = ("—" if value is None else f"{value:.3f}") if text else value
     rows = []
     for k in summary["ks"]:
         cells = {m: _cell(summary, k, m, b) for m in _methods(summary)}
         rows.append([k, shown, *(_fmt(cells[m]) for m in _methods(summary)),
-                     *(verdict(cells["sft"], cells[m], SHORT[m]) for m in _rivals(summary))])
+                     *(verdict(cells[ref], cells[m], SHORT[m], SHORT[ref]) for m, ref in _rivals(summary))])
     return rows
 
 
@@ -158,7 +171,7 @@ def _base_label(base: dict[str, Any], metric: str) -> str:
 def markdown(summary: dict[str, Any]) -> str:
     metric, methods = summary["metric"], _methods(summary)
     header = (f"| k per class | base | " + " | ".join(f"{SHORT[m]} {metric} mean [95% CI] (sd, n)" for m in methods)
-              + "".join(f" | {SHORT[m]} − SFT" for m in _rivals(summary)) + " |")
+              + "".join(f" | {_gap_name(pair)}" for pair in _rivals(summary)) + " |")
     rule = "|" + "---|" * (2 + len(methods) + len(_rivals(summary)))
     bases, blocks = _bases(summary), []
     for base in bases:
@@ -171,19 +184,20 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def gap_markdown(summary: dict[str, Any]) -> str:
-    """Gap to SFT per base and k (95% interval, two-sided p): whether a stronger prior moves it."""
+    """Each compared gap per base and k (95% interval, two-sided p): whether a stronger prior moves it."""
     metric = summary["metric"]
-    lines = [f"**gap to SFT by base ({metric}; mean [95% CI] and two-sided p)**", "",
-             "| base (held-out) | method | " + " | ".join(f"k={k}" for k in summary["ks"]) + " |",
+    lines = [f"**gaps by base ({metric}; mean [95% CI] and two-sided p)**", "",
+             "| base (held-out) | gap | " + " | ".join(f"k={k}" for k in summary["ks"]) + " |",
              "|" + "---|" * (2 + len(summary["ks"]))]
     for base in _bases(summary):
         label = f"{base['base_steps']} steps ({'—' if base['value'] is None else format(base['value'], '.3f')})"
-        for method in _rivals(summary):
+        for method, ref in _rivals(summary):
             gaps = []
             for k in summary["ks"]:
-                sft, other = _cell(summary, k, "sft", base["base_steps"]), _cell(summary, k, method, base["base_steps"])
-                gaps.append("—" if sft is None or other is None else gap_text(cell_gap(sft, other), brief=True))
-            lines.append(f"| {label} | {SHORT[method]} | " + " | ".join(gaps) + " |")
+                b = base["base_steps"]
+                before, after = _cell(summary, k, ref, b), _cell(summary, k, method, b)
+                gaps.append("—" if before is None or after is None else gap_text(cell_gap(before, after), brief=True))
+            lines.append(f"| {label} | {_gap_name((method, ref))} | " + " | ".join(gaps) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +243,7 @@ def sweep_section(summary: dict[str, Any], plot_path: Path, title: str) -> str:
     uri = "data:image/png;base64," + base64.b64encode(plot_path.read_bytes()).decode("ascii")
     metric, methods, bases = summary["metric"], _methods(summary), _bases(summary)
     header = ["k per class", f"base {metric}", *(NAMES[m] for m in methods),
-              *(f"{SHORT[m]} − SFT" for m in _rivals(summary))]
+              *(_gap_name(pair) for pair in _rivals(summary))]
     tables = "".join((note(_base_label(base, metric)) if len(bases) > 1 else "")
                      + table(header, _rows(summary, base), cls="demo-results") for base in bases)
     search = table(["method", "base", "learning rate", f"validation {metric}"],
@@ -241,8 +255,9 @@ def sweep_section(summary: dict[str, Any], plot_path: Path, title: str) -> str:
             f"Learning rates searched at k={protocol['search_k']} on {protocol['val_records']} validation "
             f"records carved from the pool: {protocol['searched']}; used: {summary['learning_rates']}. "
             f"Held-out: {summary['eval_records']} records; mean over seeds {summary['seeds']} with its "
-            f"{LEVEL:.0%} t interval [low, high], sample std and n. Gaps to SFT: mean difference, its "
-            f"{LEVEL:.0%} interval and two-sided p of a paired t-test over seeds (seed s drew the same k-shot "
+            f"{LEVEL:.0%} t interval [low, high], sample std and n. Gaps (each method minus SFT; no-thinking "
+            f"minus thinking RFT): mean difference, its {LEVEL:.0%} interval and two-sided p of a paired "
+            f"t-test over seeds (seed s drew the same k-shot "
             f"sample for both), Welch's test where the seed lists differ; no correction for the number of "
             f"gaps. Run time (train + eval, all runs): {summary['wall_seconds'] / 60:.1f} min.")
     body = img(uri, "data efficiency", cls="demo") + tables + note(text)
