@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo sweep sweep-prior test test-all test-engines test-lowest test-vllm clean
+.PHONY: setup demo sweep sweep-prior sweep-seeds test test-all test-engines test-lowest test-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,14 @@ sweep-prior: setup
 	for preset in $(SWEEP_PRESETS); do \
 	  OMP_NUM_THREADS=$(SWEEP_THREADS) $(VENV)/bin/visual-rft sweep --out runs/$${preset}_prior configs/$$preset.yaml \
 	    $(PRIOR_ARGS) || exit 1; done
+
+# The cells the README's reading of the prior sweep rests on, to 10 seeds (issue 28): in-domain,
+# 1500-step base, k = 1 and 4, all three methods, into runs/sweep_digits_10seeds (~50 min, one thread).
+SEEDS_ARGS = "sweep.ks=[1,4]" "sweep.methods=[sft,rft,rft_nothink]" "sweep.base_steps=[1500]" \
+	"sweep.seeds=[0,1,2,3,4,5,6,7,8,9]"
+sweep-seeds: setup
+	OMP_NUM_THREADS=$(SWEEP_THREADS) $(VENV)/bin/visual-rft sweep --out runs/sweep_digits_10seeds \
+	  configs/sweep_digits.yaml $(SEEDS_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""The report package's imports run one way (read -> figures/images -> html -> sweep -> build), read
+"""The report package's imports run one way (read, discover, stats -> figures/images -> html -> sweep -> build), read
 from the source with ast, lazy imports inside functions included; and a report never trains."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import visual_rft.report
 PACKAGE = "visual_rft.report"
 FOLDER = Path(visual_rft.report.__file__).parent
 # a module may import from earlier layers only, never from its own layer or a later one
-LAYERS = [{"read", "discover"}, {"plots", "images"}, {"html"}, {"sweep"}, {"build"}]
+LAYERS = [{"read", "discover", "stats"}, {"plots", "images"}, {"html"}, {"sweep"}, {"build"}]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

@@ -74,10 +74,15 @@ def test_table_is_the_per_run_statistics_with_every_cell_and_the_base(tmp_path, 
     # the search is scored on the 20 validation records, everything else on the 20 held-out
     assert fake_training["eval"].count(20) == len(fake_training["eval"])
     markdown = (out / "table.md").read_text()
-    assert "| 1 | 0.250 | 0.156 ± 0.007 (0.151–0.161, n=2) | 0.356 ± 0.007 (0.351–0.361, n=2) | RFT +0.200 |" in markdown
+    # each seed's RFT run is exactly 0.2 above its SFT run: a zero-width paired interval
+    assert ("| 1 | 0.250 | 0.156 [0.092, 0.220] (sd 0.007, n=2) | 0.356 [0.292, 0.420] (sd 0.007, n=2) "
+            "| +0.200 [+0.200, +0.200] p<0.001 (paired): RFT ahead |") in markdown
+    gaps = {(g["k"], g["method"]): g for g in table["gaps"]}
+    assert set(gaps) == {(1, "rft"), (2, "rft")} and gaps[(1, "rft")]["test"] == "paired"
+    assert gaps[(2, "rft")]["gap"] == pytest.approx(0.2) and gaps[(2, "rft")]["n"] == 2
     assert (out / "sweep.png").stat().st_size > 10_000
     html = (out / "report.html").read_text()
-    assert "data efficiency" in html and "data:image/png;base64" in html and "0.356 ± 0.007" in html
+    assert "data efficiency" in html and "data:image/png;base64" in html and "0.356 [0.292, 0.420]" in html
     assert "learning rates (best on validation at k=2)" in capsys.readouterr().out
 
 
@@ -102,10 +107,32 @@ def test_rerun_resumes_and_a_bigger_grid_runs_only_the_new_cells(tmp_path, fake_
     assert all(cell["n"] == 3 and cell["seeds"] == [0, 1, 2] for cell in table["cells"])
 
 
+def test_more_seeds_for_chosen_cells_run_only_those_and_the_whole_table_shows_each_cells_n(
+        tmp_path, fake_training, capsys):
+    """Issue 28 item 2: extend sweep.seeds for k=1 only (a subset of ks), without rerunning the
+    search or the other cells; --report-only over the whole grid then shows n per cell."""
+    out, rates = tmp_path / "sweep", "sweep.learning_rates=[1.0e-3,1.0e-4]"
+    assert _run(out, rates) == 0
+    first = len(fake_training["train"])
+    assert _run(out, rates, "sweep.ks=[1]", "sweep.seeds=[0,1,2,3]") == 0
+    assert sorted(t[1:4] for t in fake_training["train"][first:]) == [
+        (m, 1, s) for m in ("rft", "sft") for s in (2, 3)]  # no search, no k=2, no seed 0 or 1 rerun
+    assert _run(out, rates, "sweep.seeds=[0,1,2,3]", "--report-only") == 0
+    table = json.loads((out / "table.json").read_text())
+    assert {(c["k"], c["method"]): c["n"] for c in table["cells"]} == {
+        (1, "sft"): 4, (1, "rft"): 4, (2, "sft"): 2, (2, "rft"): 2}
+    assert {(g["k"], g["n"], g["test"]) for g in table["gaps"]} == {(1, 4, "paired"), (2, 2, "paired")}
+    # only the new seeds, without the searched one first, would search again on seed 2: refused
+    capsys.readouterr()
+    assert _run(out, rates, "sweep.ks=[1]", "sweep.seeds=[2,3,4]") == 2
+    assert "learning-rate search ran on seed 0; list that seed first" in capsys.readouterr().err
+    assert len(fake_training["train"]) == first + 4
+
+
 def test_a_changed_setting_refuses_to_mix_into_an_existing_sweep(tmp_path, fake_training, capsys):
     out = tmp_path / "sweep"
     assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.seeds=[0]") == 0
-    assert "RFT +0.200 (one seed)" in (out / "table.md").read_text()
+    assert "| +0.200 (one seed: no interval) |" in (out / "table.md").read_text()
     assert _run(out, "sweep.learning_rates=[1.0e-3]", "sweep.images_seen=24") == 2
     assert "sweep.images_seen" in capsys.readouterr().err
 
@@ -178,7 +205,7 @@ def test_report_command_shows_a_sweep_folder_as_the_sweeps_own_report_does(tmp_p
     assert json.loads(capsys.readouterr().out) == {"report": str(tmp_path / "page.html")}
     page = (tmp_path / "page.html").read_text()
     # the table's cells: k=1, seeds 0 and 1 (see fake_value), base 0.25
-    assert "<td>0.156 ± 0.007 (0.151–0.161, n=2)</td><td>0.356 ± 0.007 (0.351–0.361, n=2)</td>" in page
+    assert "<td>0.156 [0.092, 0.220] (sd 0.007, n=2)</td><td>0.356 [0.292, 0.420] (sd 0.007, n=2)</td>" in page
     assert '<td class="num">0.25</td>' in page and '<a href="#sweep">data efficiency</a>' in page
     assert "<title>visual-rft report</title>" in page
     own = (out / "report.html").read_text()
@@ -235,5 +262,6 @@ def test_methods_and_base_strengths_each_get_their_search_cells_and_gap(tmp_path
     markdown = (out / "table.md").read_text()
     assert "**base: 400-step warm-up, held-out accuracy 0.650**" in markdown
     assert "| RFT no-think − SFT |" in markdown.splitlines()[2]
-    assert "| 100 steps (0.350) | RFT no-think | +0.300 | +0.300 |" in markdown
+    zero_width = "+0.300 [+0.300, +0.300] p<0.001"  # every seed's no-think run is exactly 0.3 above SFT's
+    assert f"| 100 steps (0.350) | RFT no-think − SFT | {zero_width} | {zero_width} |" in markdown
     assert (out / "base-b100.json").is_file() and "cpu" in json.loads((out / "base-b400.json").read_text())

@@ -275,7 +275,21 @@ def _open_out(cfg: Config, out: Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{out} holds a sweep with other settings ({', '.join(changed)} differ); "
                               "use another --out or delete it")
     saved.write_text(json.dumps(settings, indent=2))
-    return {row["key"]: row for row in read_jsonl(out / SWEEP_RESULTS)} if (out / SWEEP_RESULTS).is_file() else {}
+    done = {row["key"]: row for row in read_jsonl(out / SWEEP_RESULTS)} if (out / SWEEP_RESULTS).is_file() else {}
+    _check_search_seed(cfg, out, done)
+    return done
+
+
+def _check_search_seed(cfg: Config, out: Path, done: dict[str, dict[str, Any]]) -> None:
+    """The learning-rate search runs on the first of sweep.seeds; extending the seeds of some cells
+    with a list of only the new ones would search again on another seed and mix two protocols in
+    one table. Refuse it and say which seed to list first."""
+    searched = {row["seed"] for row in done.values() if row["phase"] == "search"}
+    if searched and cfg.sweep.seeds[0] not in searched:
+        raise ConfigError(f"{out}: its learning-rate search ran on seed {sorted(searched)[0]}; list that seed "
+                          f"first in sweep.seeds (got {cfg.sweep.seeds}): finished runs are skipped, so "
+                          f"sweep.seeds={[sorted(searched)[0], *[x for x in cfg.sweep.seeds if x not in searched]]} "
+                          "runs only the new seeds")
 
 
 def _changed(before: dict[str, Any], now: dict[str, Any], where: str = "") -> list[str]:

@@ -1,8 +1,10 @@
 """A data-efficiency sweep's outputs, rebuilt from its results.jsonl: the table (JSON + markdown),
-the plot (held-out metric vs examples per class: SFT and RFT means with their seed range, the base as
-a line) and the report's section showing both. `visual-rft sweep` writes the table and plot here
-(write_tables); the report reads them back from the sweep's folder (sweep_folder_section), for the
-sweep's own report.html and for `visual-rft report SWEEP_DIR` alike."""
+the plot (held-out metric vs examples per class: each method's mean with its 95% interval over seeds,
+the base as a line) and the report's section showing both. Every cell carries its 95% t interval and
+every gap (to SFT; no-thinking to thinking RFT) its interval and two-sided p (report/stats.py), in
+table.json, table.md and the report. `visual-rft sweep` writes the table and plot here (write_tables);
+the report reads them back from the sweep's folder (sweep_folder_section), for the sweep's own
+report.html and for `visual-rft report SWEEP_DIR` alike."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Sequence
 
 from visual_rft.config import Config
 from visual_rft.report.html import img, note, section, sub, table
+from visual_rft.report.stats import LEVEL, cell_gap, mean_interval
 
 NAMES = {"sft": "SFT", "rft": "Visual-RFT", "rft_nothink": "Visual-RFT, no thinking"}
 SHORT = {"sft": "SFT", "rft": "RFT", "rft_nothink": "RFT no-think"}  # table columns and gaps
@@ -22,10 +25,12 @@ TABLE, TABLE_MD, PLOT = "table.json", "table.md", "sweep.png"  # in the sweep's 
 
 
 def cell_stats(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (n - 1; 0 for one seed), range and count of one (k, method) cell."""
+    """Mean, sample standard deviation (n - 1; 0 for one seed), the mean's 95% t interval (None for
+    one seed), range and count of one (k, method) cell."""
     values = list(values)
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    ci = mean_interval(mean, std, len(values))
+    return {"n": len(values), "mean": mean, "std": std, "ci95": [ci["low"], ci["high"]],
             "min": min(values), "max": max(values), "values": values}
 
 
@@ -52,6 +57,9 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], best: dict[str, float]) -
                 if found:
                     cells.append({"k": k, "method": method, "base_steps": b, "seeds": [r["seed"] for r in found],
                                   **cell_stats([r["value"] for r in found])})
+    gaps = [{"k": k, "method": m, "versus": ref, "base_steps": b, **cell_gap(before, after)}
+            for b in bases for k in s.ks for m, ref in compared(s.methods)
+            for before, after in [(_find(cells, k, ref, b), _find(cells, k, m, b))] if before and after]
     search = [{"method": r["method"], "base_steps": r.get("base_steps"), "learning_rate": r["learning_rate"],
                "value": r["value"]} for r in rows if r["phase"] == "search"]
     first = base_rows.get(bases[0])
@@ -64,7 +72,7 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], best: dict[str, float]) -
             "protocol": {"images_seen": s.images_seen, "images_per_step": s.images_per_step,
                          "steps": any_row.get("steps"), "search_k": s.search_k, "val_records": s.val_records,
                          "searched": s.learning_rates, "num_generations": cfg.grpo.num_generations},
-            "cells": cells, "wall_seconds": round(sum(sum(r["seconds"].values()) for r in rows), 1)}
+            "cells": cells, "gaps": gaps, "wall_seconds": round(sum(sum(r["seconds"].values()) for r in rows), 1)}
 
 
 def _methods(summary: dict[str, Any]) -> list[str]:
@@ -75,46 +83,83 @@ def _bases(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return summary.get("bases") or [{"base_steps": None, "value": summary["base"]}]
 
 
+def _find(cells: list[dict[str, Any]], k: int, method: str, base_steps: int | None) -> dict[str, Any] | None:
+    return next((c for c in cells if c["k"] == k and c["method"] == method and c.get("base_steps") == base_steps),
+                None)
+
+
 def _cell(summary: dict[str, Any], k: int, method: str, base_steps: int | None = None) -> dict[str, Any] | None:
-    return next((c for c in summary["cells"] if c["k"] == k and c["method"] == method
-                 and c.get("base_steps") == base_steps), None)
+    return _find(summary["cells"], k, method, base_steps)
+
+
+def _interval(cell: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The cell's 95% interval (recomputed from mean / std / n for a table written before it was stored)."""
+    if "ci95" in cell:
+        return tuple(cell["ci95"])
+    ci = mean_interval(cell["mean"], cell["std"], cell["n"])
+    return ci["low"], ci["high"]
 
 
 def _fmt(cell: dict[str, Any] | None) -> str:
     if cell is None:
         return "—"
-    return f"{cell['mean']:.3f} ± {cell['std']:.3f} ({cell['min']:.3f}–{cell['max']:.3f}, n={cell['n']})"
+    low, high = _interval(cell)
+    if low is None:
+        return f"{cell['mean']:.3f} (n={cell['n']})"
+    return f"{cell['mean']:.3f} [{low:.3f}, {high:.3f}] (sd {cell['std']:.3f}, n={cell['n']})"
 
 
-def verdict(sft: dict[str, Any] | None, other: dict[str, Any] | None, name: str = "RFT") -> str:
-    """Which mean is higher (`other`, called `name`, or SFT), and whether the gap clears the seed
-    spread (larger of the two stds)."""
-    if sft is None or other is None:
+def _p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def gap_text(gap: dict[str, Any], brief: bool = False) -> str:
+    """A gap with its 95% interval and two-sided p (`brief`: without the test's name)."""
+    if gap["p"] is None:
+        return f"{gap['gap']:+.3f} (one seed: no interval)"
+    text = f"{gap['gap']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}] {_p(gap['p'])}"
+    return text if brief else f"{text} ({gap['test']})"
+
+
+def verdict(ref: dict[str, Any] | None, other: dict[str, Any] | None, name: str = "RFT",
+            ref_name: str = "SFT") -> str:
+    """`other` (called `name`) minus `ref` (SFT unless named): the mean gap, its 95% interval and
+    two-sided p (paired over seeds, or Welch), and what the interval says: who is ahead, or no clear
+    difference (it spans 0)."""
+    if ref is None or other is None:
         return "—"
-    gap = other["mean"] - sft["mean"]
-    leader = name if gap > 0 else "SFT" if gap < 0 else "tie"
-    spread = max(sft["std"], other["std"])
-    if min(sft["n"], other["n"]) == 1:
-        return f"{leader} {gap:+.3f} (one seed)"
-    clear = "" if abs(gap) > spread else " (within seed spread)"
-    return f"{leader} {gap:+.3f}{clear}"
+    gap = cell_gap(ref, other)
+    if gap["p"] is None:
+        return gap_text(gap)
+    if gap["low"] > 0 or gap["high"] < 0:
+        return f"{gap_text(gap)}: {name if gap['gap'] > 0 else ref_name} ahead"
+    return f"{gap_text(gap)}: no clear difference"
 
 
-def _rivals(summary: dict[str, Any]) -> list[str]:
-    """The methods compared with SFT (a gap column each), when SFT ran."""
-    methods = _methods(summary)
-    return [m for m in methods if m != "sft"] if "sft" in methods else []
+def compared(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The gaps a table shows, as (method, reference): each method against SFT when SFT ran, and
+    no-thinking against thinking RFT when both ran (the paper's and CLS-RL's question)."""
+    pairs = [(m, "sft") for m in methods if m != "sft"] if "sft" in methods else []
+    return pairs + ([("rft_nothink", "rft")] if {"rft", "rft_nothink"} <= set(methods) else [])
+
+
+def _rivals(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    return compared(_methods(summary))
+
+
+def _gap_name(pair: tuple[str, str]) -> str:
+    return f"{SHORT[pair[0]]} − {SHORT[pair[1]]}"
 
 
 def _rows(summary: dict[str, Any], base: dict[str, Any], text: bool = False) -> list[list[Any]]:
-    """One row per k: k, the base's value (`text`: as 0.123), each method's cell, each rival's gap to SFT."""
+    """One row per k: k, the base's value (`text`: as 0.123), each method's cell, each compared gap."""
     b, value = base["base_steps"], base["value"]
     shown = ("—" if value is None else f"{value:.3f}") if text else value
     rows = []
     for k in summary["ks"]:
         cells = {m: _cell(summary, k, m, b) for m in _methods(summary)}
         rows.append([k, shown, *(_fmt(cells[m]) for m in _methods(summary)),
-                     *(verdict(cells["sft"], cells[m], SHORT[m]) for m in _rivals(summary))])
+                     *(verdict(cells[ref], cells[m], SHORT[m], SHORT[ref]) for m, ref in _rivals(summary))])
     return rows
 
 
@@ -125,8 +170,8 @@ def _base_label(base: dict[str, Any], metric: str) -> str:
 
 def markdown(summary: dict[str, Any]) -> str:
     metric, methods = summary["metric"], _methods(summary)
-    header = (f"| k per class | base | " + " | ".join(f"{SHORT[m]} {metric} mean ± std (min–max, n)" for m in methods)
-              + "".join(f" | {SHORT[m]} − SFT" for m in _rivals(summary)) + " |")
+    header = (f"| k per class | base | " + " | ".join(f"{SHORT[m]} {metric} mean [95% CI] (sd, n)" for m in methods)
+              + "".join(f" | {_gap_name(pair)}" for pair in _rivals(summary)) + " |")
     rule = "|" + "---|" * (2 + len(methods) + len(_rivals(summary)))
     bases, blocks = _bases(summary), []
     for base in bases:
@@ -139,25 +184,26 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def gap_markdown(summary: dict[str, Any]) -> str:
-    """Mean gap to SFT per base and k: whether a stronger prior moves it."""
+    """Each compared gap per base and k (95% interval, two-sided p): whether a stronger prior moves it."""
     metric = summary["metric"]
-    lines = [f"**mean gap to SFT by base ({metric})**", "",
-             "| base (held-out) | method | " + " | ".join(f"k={k}" for k in summary["ks"]) + " |",
+    lines = [f"**gaps by base ({metric}; mean [95% CI] and two-sided p)**", "",
+             "| base (held-out) | gap | " + " | ".join(f"k={k}" for k in summary["ks"]) + " |",
              "|" + "---|" * (2 + len(summary["ks"]))]
     for base in _bases(summary):
         label = f"{base['base_steps']} steps ({'—' if base['value'] is None else format(base['value'], '.3f')})"
-        for method in _rivals(summary):
+        for method, ref in _rivals(summary):
             gaps = []
             for k in summary["ks"]:
-                sft, other = _cell(summary, k, "sft", base["base_steps"]), _cell(summary, k, method, base["base_steps"])
-                gaps.append("—" if sft is None or other is None else f"{other['mean'] - sft['mean']:+.3f}")
-            lines.append(f"| {label} | {SHORT[method]} | " + " | ".join(gaps) + " |")
+                b = base["base_steps"]
+                before, after = _cell(summary, k, ref, b), _cell(summary, k, method, b)
+                gaps.append("—" if before is None or after is None else gap_text(cell_gap(before, after), brief=True))
+            lines.append(f"| {label} | {_gap_name((method, ref))} | " + " | ".join(gaps) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
-    """Held-out metric vs k (log2 axis), one panel per base: mean line and min–max band over seeds per
-    method, the base dashed."""
+    """Held-out metric vs k (log2 axis), one panel per base: mean line and its 95% interval band over
+    seeds per method (none for one seed), the base dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -173,8 +219,10 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
                 rate = summary["learning_rates"].get(arm(method, base["base_steps"]))
                 ax.plot(ks, [c["mean"] for c in cells], "o-", color=COLORS[method],
                         label=f"{NAMES[method]} (lr {rate:g})" if rate is not None else NAMES[method])
-                ax.fill_between(ks, [c["min"] for c in cells], [c["max"] for c in cells], color=COLORS[method],
-                                alpha=0.2, linewidth=0)
+                bands = [_interval(c) for c in cells]
+                ax.fill_between(ks, [c["mean"] if lo is None else lo for c, (lo, _) in zip(cells, bands)],
+                                [c["mean"] if hi is None else hi for c, (_, hi) in zip(cells, bands)],
+                                color=COLORS[method], alpha=0.2, linewidth=0)
         if base["value"] is not None:
             ax.axhline(base["value"], color="grey", linestyle="--", label="base")
         ax.set_xscale("log", base=2)
@@ -184,7 +232,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         seeds = max((c["n"] for c in summary["cells"]), default=0)
-        ax.legend(fontsize=8, title=f"bands: min–max over up to {seeds} seeds", title_fontsize=7)
+        ax.legend(fontsize=8, title=f"bands: 95% interval of the mean, up to {seeds} seeds", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -195,7 +243,7 @@ def sweep_section(summary: dict[str, Any], plot_path: Path, title: str) -> str:
     uri = "data:image/png;base64," + base64.b64encode(plot_path.read_bytes()).decode("ascii")
     metric, methods, bases = summary["metric"], _methods(summary), _bases(summary)
     header = ["k per class", f"base {metric}", *(NAMES[m] for m in methods),
-              *(f"{SHORT[m]} − SFT" for m in _rivals(summary))]
+              *(_gap_name(pair) for pair in _rivals(summary))]
     tables = "".join((note(_base_label(base, metric)) if len(bases) > 1 else "")
                      + table(header, _rows(summary, base), cls="demo-results") for base in bases)
     search = table(["method", "base", "learning rate", f"validation {metric}"],
@@ -206,8 +254,12 @@ def sweep_section(summary: dict[str, Any], plot_path: Path, title: str) -> str:
             f"({protocol['steps']} steps; GRPO samples {protocol['num_generations']} completions of each). "
             f"Learning rates searched at k={protocol['search_k']} on {protocol['val_records']} validation "
             f"records carved from the pool: {protocol['searched']}; used: {summary['learning_rates']}. "
-            f"Held-out: {summary['eval_records']} records; mean ± sample std (min–max) over seeds "
-            f"{summary['seeds']}. Run time (train + eval, all runs): {summary['wall_seconds'] / 60:.1f} min.")
+            f"Held-out: {summary['eval_records']} records; mean over seeds {summary['seeds']} with its "
+            f"{LEVEL:.0%} t interval [low, high], sample std and n. Gaps (each method minus SFT; no-thinking "
+            f"minus thinking RFT): mean difference, its {LEVEL:.0%} interval and two-sided p of a paired "
+            f"t-test over seeds (seed s drew the same k-shot "
+            f"sample for both), Welch's test where the seed lists differ; no correction for the number of "
+            f"gaps. Run time (train + eval, all runs): {summary['wall_seconds'] / 60:.1f} min.")
     body = img(uri, "data efficiency", cls="demo") + tables + note(text)
     body += sub("learning-rate search (validation split)", search)
     return section("sweep", title, body)
