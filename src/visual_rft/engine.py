@@ -39,7 +39,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 
 from visual_rft.checkpoint import load_training_state, save_checkpoint, start_checkpoint
 from visual_rft.config import Config, ConfigError
-from visual_rft.optim import clip_and_step, make_optimizer
+from visual_rft.optim import apply_optim_settings, clip_and_step, make_optimizer
 from visual_rft.runlog import tracker_names
 
 DEEPSPEED_STATE = "deepspeed"  # checkpoint-N/deepspeed/: DeepSpeed's own (sharded) optimiser state
@@ -197,6 +197,7 @@ class Engine:
         self.accelerator = make_accelerator(cfg)
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch
+        self.optim_settings = getattr(cfg, section).optim  # re-applied over a resumed checkpoint's (load_state)
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
             _fill_deepspeed_config(self.accelerator.state.deepspeed_plugin, section, micro_batch=micro_batch,
@@ -354,4 +355,6 @@ class Engine:
             model.load_checkpoint(str(ckpt / DEEPSPEED_STATE), tag=_TAG, load_optimizer_states=True,
                                   load_lr_scheduler_states=False)
             optimizer = None
-        return load_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        state = load_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        apply_optim_settings(scheduler, self.optim_settings)  # a resume with changes runs the new ones
+        return state

@@ -28,6 +28,10 @@ _RUN_DIRS = ("checkpoint-", ".tmp-checkpoint-")
 _HARMLESS_PREFIXES = ("output.", "eval.", "demo.", "sweep.")
 _HARMLESS_KEYS = {"grpo.max_steps", "sft.max_steps", "grpo.fast", "model.gradient_checkpointing",
                   "grpo.optim.max_nonfinite_steps", "sft.optim.max_nonfinite_steps"}
+# Settings a resume cannot apply, whatever the flag: the resumed policy is the checkpoint's model/
+# (its adapters keep the rank, targets and base they were saved with), not model.name_or_path's.
+_FIXED_PREFIXES = ("model.lora.",)
+_FIXED_KEYS = {"model.name_or_path"}
 
 
 class RunFolderError(ValueError):
@@ -201,6 +205,13 @@ def check_resume(saved: dict[str, Any], requested: dict[str, Any], *, where: str
     """Refuse a resume whose settings change what the run computes (unless `accept_changes`);
     record every change, harmless or accepted, in the folder's resume_changes.jsonl."""
     changes = config_changes(saved, requested)
+    fixed = [c for c in changes if c[0].startswith(_FIXED_PREFIXES) or c[0] in _FIXED_KEYS]
+    if fixed:
+        lines = "\n".join(f"  {k}: {old!r} (in {where}) -> {new!r} (now)" for k, old, new in fixed)
+        raise RunFolderError(f"--resume cannot apply these settings: the resumed policy is {where}/model, "
+                             f"which keeps the model (and LoRA adapters) it was saved with:\n{lines}\nresume with "
+                             f"the run's own values, or start a new run from it (model.name_or_path={folder}) in "
+                             "another output.dir")
     computing = [c for c in changes if not harmless(c[0])]
     if computing and not accept_changes:
         lines = "\n".join(f"  {k}: {old!r} (in {where}) -> {new!r} (now)" for k, old, new in computing)
