@@ -39,6 +39,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 
 from visual_rft.checkpoint import load_training_state, save_checkpoint, start_checkpoint
 from visual_rft.config import Config, ConfigError
+from visual_rft.models.quiet import name_deepspeeds_cpu_accelerator
 from visual_rft.optim import apply_optim_settings, clip_and_step, make_optimizer
 from visual_rft.runlog import tracker_names
 
@@ -56,9 +57,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     FSDP or DeepSpeed. accelerate drops a DeepSpeed config without a word when told `cpu=True`
     (distributed type MULTI_CPU, plain DDP), so a DeepSpeed launch on a machine without CUDA runs
     DeepSpeed's CPU accelerator over gloo instead, and one that asks for the CPU beside a GPU stops."""
+    name_deepspeeds_cpu_accelerator()
     has_cuda = torch.cuda.is_available()
-    if not has_cuda:  # else DeepSpeed (when installed) announces its CPU pick on stdout, where commands print JSON
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     want_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not has_cuda)
     kwargs: dict[str, Any] = {}
     trackers = tracker_names(cfg.output)  # started by RunLog (init_trackers), only by the runs that log
@@ -177,17 +177,41 @@ def _deepspeed_dtype(ds: dict[str, Any]) -> torch.dtype:
 
 def deepspeed_load_dtype(requested: str, ds: dict[str, Any]) -> str:
     """model.dtype under the DeepSpeed config `ds` (see Engine.load_dtype)."""
+    return launch_load_dtype(requested, _deepspeed_dtype(ds), deepspeed=True)
+
+
+_MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # accelerate's names of its autocast dtypes
+
+
+def launch_load_dtype(requested: str, launch: torch.dtype | None, *, deepspeed: bool) -> str:
+    """The dtype weights load in, given model.dtype and the precision the launch config asks for
+    (`launch`: DeepSpeed's own, fp32 included; else accelerate's mixed_precision, None for `no`).
+
+    `auto` follows the launch config. An explicit model.dtype that the launch config contradicts stops,
+    naming both: DeepSpeed would cast float32 weights to its bf16 (the README's ZeRO-3 line trained
+    in bf16 on CPU, ~170x slower there, while the config said float32), and accelerate's autocast
+    would run a float32 model's matmuls in bf16."""
     from visual_rft.models.loading import resolve_dtype
 
-    engine_dtype = _deepspeed_dtype(ds)
     if str(requested).lower() == "auto":
-        return str(engine_dtype).removeprefix("torch.")
+        return str(launch).removeprefix("torch.") if deepspeed else requested
     dtype = resolve_dtype(requested, "cpu")
-    if dtype != torch.float32 and dtype != engine_dtype:
+    if launch is None or dtype == launch:
+        return requested
+    given = str(launch).removeprefix("torch.")
+    if deepspeed and launch == torch.float32:
         raise ConfigError(f"model.dtype={requested} under DeepSpeed, whose launch config's mixed_precision gives "
-                          f"{engine_dtype}: DeepSpeed would step {dtype} weights without fp32 masters; set "
+                          f"{given}: DeepSpeed would step {dtype} weights without fp32 masters; set "
                           "mixed_precision in the launch config to match, or model.dtype=auto")
-    return requested
+    who = "DeepSpeed would cast the weights to" if deepspeed else "accelerate would autocast the forward to"
+    raise ConfigError(f"model.dtype={requested} but the launch config's mixed_precision is {given}: {who} {given}. "
+                      f"Pass --mixed_precision no to accelerate launch to train in {requested} (on CPU: bf16 "
+                      f"matmuls are far slower), or model.dtype=auto to train in {given}")
+
+
+# accelerate's DistributedType members by what a user knows them as (its enum names read "NO", "MULTI_CPU")
+_ENGINE_NAMES = {DistributedType.NO: "one process", DistributedType.MULTI_CPU: "DDP", DistributedType.MULTI_GPU: "DDP",
+                 DistributedType.FSDP: "FSDP"}
 
 
 class Engine:
@@ -198,12 +222,14 @@ class Engine:
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch
         self.optim_settings = getattr(cfg, section).optim  # re-applied over a resumed checkpoint's (load_state)
+        self.requested_dtype = cfg.model.dtype
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
             _fill_deepspeed_config(self.accelerator.state.deepspeed_plugin, section, micro_batch=micro_batch,
                                    grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                                    world=self.accelerator.num_processes)
             self.accelerator.gradient_accumulation_steps = grad_accum
+        self.load_dtype(self.requested_dtype)  # a launch config contradicting model.dtype stops every rank here
         self.announce()
 
     # ------------------------------------------------------------------ what runs
@@ -221,21 +247,39 @@ class Engine:
         """Say on stderr which engine a distributed run got (a launch config that did not take effect
         is otherwise invisible: accelerate used to turn DeepSpeed into DDP without a word)."""
         if self.accelerator.is_main_process and (self.deepspeed or self.accelerator.num_processes > 1):
-            print(f"visual-rft: engine: {self.describe()}", file=sys.stderr)
+            print(f"visual-rft: engine: {self.describe()}, {self.precision()}", file=sys.stderr)
 
     def describe(self) -> str:
-        kind = self.accelerator.distributed_type
-        name = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else str(kind).split(".")[-1]
-        return f"{name} on {self.accelerator.num_processes} process(es), device {self.accelerator.device.type}"
+        """e.g. "DeepSpeed ZeRO-3 on 2 processes, device cpu" or "one process without DeepSpeed, device cpu"."""
+        kind, processes = self.accelerator.distributed_type, self.accelerator.num_processes
+        name = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else _ENGINE_NAMES.get(kind, kind.value)
+        where = f"on {processes} processes" if processes > 1 else "without DeepSpeed" if kind == DistributedType.NO \
+            else "on 1 process"
+        return f"{name} {where}, device {self.accelerator.device.type}"
 
     # ------------------------------------------------------------------ weights and precision
     def load_dtype(self, requested: str) -> str:
-        """The dtype the policy loads in. DeepSpeed casts the weights to its own precision (the launch
-        config's mixed_precision) and keeps fp32 masters of them, so `auto` loads in that precision,
-        and a low-precision dtype DeepSpeed would step without masters is refused."""
-        if not self.deepspeed:
-            return requested
-        return deepspeed_load_dtype(requested, self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        """The dtype the policy loads in: `auto` follows the launch config's precision (DeepSpeed casts
+        the weights to its own and keeps fp32 masters of them); an explicit dtype the launch config
+        contradicts stops (launch_load_dtype)."""
+        return launch_load_dtype(requested, self.launch_dtype(), deepspeed=self.deepspeed)
+
+    def launch_dtype(self) -> torch.dtype | None:
+        if self.deepspeed:
+            return _deepspeed_dtype(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        return _MIXED_PRECISION.get(str(self.accelerator.mixed_precision))
+
+    def precision(self) -> str:
+        """The weights' dtype and who keeps fp32 masters of low-precision weights, for the engine line."""
+        from visual_rft.models.loading import resolve_dtype
+
+        dtype = resolve_dtype(self.load_dtype(self.requested_dtype), self.accelerator.device)
+        name = str(dtype).removeprefix("torch.")
+        if dtype == torch.float32:
+            autocast = str(self.accelerator.mixed_precision)
+            return f"weights {name}" + (f", autocast {autocast}" if autocast in _MIXED_PRECISION else "")
+        keeper = "DeepSpeed" if self.deepspeed else "visual-rft's MasterWeightAdamW"
+        return f"weights {name}, fp32 masters kept by {keeper}"
 
     @contextlib.contextmanager
     def building(self) -> Iterator[None]:
