@@ -117,12 +117,24 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(_write_failure(out_dir, final, writing, exc, model, optimizer)) from None
+        raise CheckpointWriteError(write_failure(out_dir, final, writing, exc, model, optimizer)) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune_checkpoints(out_dir, keep)
     return final
+
+
+def room_error(out_dir: str | Path, step: int, model: Any) -> CheckpointWriteError | None:
+    """The error of a checkpoint that will not fit (the last one's size, else the weights' size, against
+    the free space), found before anything is written: for writers that must all agree to stop, such
+    as DeepSpeed's ranks, whose save_checkpoint waits in collectives for a rank that failed alone."""
+    out_dir = Path(out_dir)
+    if shutil.disk_usage(out_dir).free >= checkpoint_bytes(out_dir, model, None):
+        return None
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return CheckpointWriteError(write_failure(out_dir, out_dir / f"checkpoint-{step}", "(checked before writing)",
+                                              full, model, None))
 
 
 def checkpoint_bytes(out_dir: Path, model: Any, optimizer: Any) -> int:
@@ -137,7 +149,7 @@ def checkpoint_bytes(out_dir: Path, model: Any, optimizer: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _write_failure(out_dir: Path, final: Path, writing: str, exc: BaseException, model: Any, optimizer: Any) -> str:
+def write_failure(out_dir: Path, final: Path, writing: str, exc: BaseException, model: Any, optimizer: Any) -> str:
     needed, free = checkpoint_bytes(out_dir, model, optimizer), shutil.disk_usage(out_dir).free
     full = getattr(exc, "errno", None) == errno.ENOSPC or free < needed
     reason = "no space left on the device" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])

@@ -13,6 +13,10 @@ from visual_rft.config import ConfigError, load_config
 from visual_rft.tasks import CLASS_KEY
 
 
+class BadData(Exception):
+    """`data check` found data it cannot read at all (exit 1, like records that fail the check)."""
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (configs/...); omit to use defaults")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.beta=0 model.name_or_path=DIR")
@@ -82,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task", choices=sorted(CLASS_KEY), default="classification",
                    help="what a class is: the label (classification) or the queried category (detection)")
     q.add_argument("--label-key", default=None, help="record field that names the class (overrides --task)")
-    q = data_sub.add_parser("check", help="check every record of the configured splits (exit 1 if any is bad)")
+    q = data_sub.add_parser("check", help="check every record of the configured splits (exit 1 if any is bad or "
+                                          "cannot be read, e.g. a missing image; 2 for a bad command or config)")
     _config_args(q)
 
     p = sub.add_parser("report", help="self-contained HTML report of training / eval / demo runs")
@@ -206,9 +211,14 @@ def run(args: argparse.Namespace) -> object:
         from visual_rft.models.tiny import build_tiny_model
         return {"model": str(build_tiny_model(args.dir, seed=args.seed, arch=args.arch))}
     if args.command == "data" and args.data_command == "check":
+        from visual_rft.data.errors import DataError
         from visual_rft.runtime import check_data
         path, overrides = _split_config(args)
-        return check_data(load_config(path, overrides))
+        cfg = load_config(path, overrides)
+        try:
+            return check_data(cfg)
+        except DataError as exc:  # the data is bad (a missing image, a row without a solution): exit 1, as
+            raise BadData(str(exc)) from None  # for an image that does not decode; 2 is for a bad command
     if args.command == "data":
         from visual_rft.data.sources import fewshot_command
         return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key or CLASS_KEY[args.task])
@@ -251,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, CheckpointWriteError) as exc:
         print(f"visual-rft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BadData as exc:
+        print(f"visual-rft {args.command}: bad data: {exc}", file=sys.stderr)
+        return 1
     except Preempted as stopped:
         if is_main_process():
             print(f"visual-rft {args.command}: {stopped}", file=sys.stderr)

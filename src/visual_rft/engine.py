@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
-from visual_rft.checkpoint import load_training_state, save_checkpoint, start_checkpoint
+from visual_rft.checkpoint import (CheckpointWriteError, load_training_state, room_error, save_checkpoint,
+                                   start_checkpoint, write_failure)
 from visual_rft.config import Config, ConfigError
 from visual_rft.models.quiet import name_deepspeeds_cpu_accelerator
 from visual_rft.optim import apply_optim_settings, clip_and_step, make_optimizer
@@ -65,6 +68,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if trackers:  # TensorBoard events go to output.dir/tensorboard/<output.project>
         project = ProjectConfiguration(project_dir=cfg.output.dir, logging_dir=str(Path(cfg.output.dir) / "tensorboard"))
         kwargs = {"log_with": trackers, "project_config": project}
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not has_cuda:
+        raise ConfigError("an FSDP launch config on a machine without CUDA: accelerate's FSDP plugin needs GPUs "
+                          "(it stops with 'no available devices'); on CPU processes launch configs/accelerate/ddp.yaml, "
+                          "or zero2.yaml / zero3.yaml with --mixed_precision no (DeepSpeed runs on CPU)")
     if deepspeed_requested():
         if has_cuda and cfg.model.device == "cpu":
             raise ConfigError("model.device=cpu under a DeepSpeed launch config on a machine with CUDA: accelerate "
@@ -214,6 +221,23 @@ _ENGINE_NAMES = {DistributedType.NO: "one process", DistributedType.MULTI_CPU: "
                  DistributedType.FSDP: "FSDP"}
 
 
+def _quiet_deepspeeds_collective_warnings() -> None:
+    """DeepSpeed 0.19 calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, which
+    torch 2.13 deprecates with a FutureWarning at each call site (14 lines per run): DeepSpeed's to
+    change, not the user's. Those two messages only are dropped, for the DeepSpeed runs that cause them."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            r"is deprecated", category=FutureWarning)
+
+
+def _attempt(save: Any, *args: Any, **kwargs: Any) -> Exception | None:
+    """`save(*args, **kwargs)`, its CheckpointWriteError returned rather than raised (see Engine.save)."""
+    try:
+        save(*args, **kwargs)
+    except CheckpointWriteError as exc:
+        return exc
+    return None
+
+
 class Engine:
     """The engine of one training run, built from the section that trains (grpo or sft)."""
 
@@ -229,6 +253,7 @@ class Engine:
                                    grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                                    world=self.accelerator.num_processes)
             self.accelerator.gradient_accumulation_steps = grad_accum
+            _quiet_deepspeeds_collective_warnings()
         self.load_dtype(self.requested_dtype)  # a launch config contradicting model.dtype stops every rank here
         self.announce()
 
@@ -370,23 +395,58 @@ class Engine:
     def save(self, model: Any, out: Path, step: int, **kwargs: Any) -> None:
         """checkpoint-`step` of the run in `out`, written by the main process (atomically, see
         checkpoint.py); under DeepSpeed every rank first writes its shard of the optimiser state (fp32
-        masters included) into the staging folder, then the whole weights are gathered for model/."""
+        masters included) into the staging folder, then the whole weights are gathered for model/.
+        A write that fails (a full disk) stops every process together with CheckpointWriteError."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if not self.deepspeed:
-            if acc.is_main_process:
-                save_checkpoint(out, step, model=self.unwrap(model), **kwargs)
+            failed = _attempt(save_checkpoint, out, step, model=self.unwrap(model), **kwargs) \
+                if acc.is_main_process else None
         else:
-            staging = start_checkpoint(out, step, create=acc.is_main_process)
-            acc.wait_for_everyone()
-            model.save_checkpoint(str(staging / DEEPSPEED_STATE), tag=_TAG, save_latest=False)
-            kwargs["optimizer"] = None  # its state is in deepspeed/, sharded
-            # ZeRO-3: every rank takes part in gathering the whole weights, which transformers then
-            # writes under its usual names (a consolidated state dict would bypass its key mapping).
-            with self.generation_weights(model) as whole:
-                if acc.is_main_process:
-                    save_checkpoint(out, step, model=whole, staged=True, **kwargs)
+            failed = self._save_deepspeed(model, out, step, kwargs)
         acc.wait_for_everyone()
+        self._stop_together(failed, out, step)
+
+    def _save_deepspeed(self, model: Any, out: Path, step: int, kwargs: dict[str, Any]) -> Exception | None:
+        """DeepSpeed's save_checkpoint has collectives before and after each rank's writes, so a rank
+        that fails alone would leave the others waiting there: the ranks agree on the room first, and a
+        rank whose write fails anyway still meets the others in the barrier DeepSpeed's save ends with."""
+        acc = self.accelerator
+        staging = start_checkpoint(out, step, create=acc.is_main_process)
+        acc.wait_for_everyone()
+        failed: Exception | None = room_error(out, step, model)
+        if self._any_process(failed is not None):
+            return failed
+        try:
+            model.save_checkpoint(str(staging / DEEPSPEED_STATE), tag=_TAG, save_latest=False)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            failed = CheckpointWriteError(write_failure(out, out / f"checkpoint-{step}", f"{DEEPSPEED_STATE}/", exc,
+                                                        model, None))
+            torch.distributed.barrier()  # the one DeepSpeed's save ends with, where the other ranks wait
+        if self._any_process(failed is not None):
+            return failed
+        kwargs["optimizer"] = None  # its state is in deepspeed/, sharded
+        # ZeRO-3: every rank takes part in gathering the whole weights, which transformers then
+        # writes under its usual names (a consolidated state dict would bypass its key mapping).
+        with self.generation_weights(model) as whole:
+            if acc.is_main_process:
+                failed = _attempt(save_checkpoint, out, step, model=whole, staged=True, **kwargs)
+        return failed
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        votes = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
+
+    def _stop_together(self, failed: Exception | None, out: Path, step: int) -> None:
+        if not self._any_process(failed is not None):
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(start_checkpoint(out, step, create=False), ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # a launcher stops the others once one process exits
+        raise failed or CheckpointWriteError(f"cannot write checkpoint-{step} in {out}: another process failed "
+                                             "(its error is above)")
 
     def load_state(self, model: Any, ckpt: Path, *, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         """Restore what `save` wrote beside the weights; returns trainer_state.json."""
