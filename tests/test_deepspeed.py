@@ -200,3 +200,13 @@ def test_a_full_disk_inside_deepspeeds_save_stops_every_rank_with_one_clear_line
         assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == []  # no torn staging folder
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_resume_with_changes_under_zero2_runs_the_new_learning_rate(tiny_model_dir, digits_jsonl, tmp_path):
+    """Issue 27, item 1, under DeepSpeed: its load_checkpoint restores the optimiser's param_groups (the
+    old lr and betas) after ours are built; the run's own are put back over them (Engine.load_state)."""
+    out = tmp_path / "run"
+    args = _grpo_args(tiny_model_dir, digits_jsonl, out, "grpo.grad_accum_steps=2", "grpo.max_steps=2")
+    _run("zero2", ["train"], args)
+    _run("zero2", ["train", "--resume-with-changes"], [*args, "grpo.max_steps=3", "grpo.optim.learning_rate=5e-4"])
+    assert [r["lr"] for r in _rows(out)] == [pytest.approx(1e-3)] * 2 + [pytest.approx(5e-4)]
