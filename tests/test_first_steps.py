@@ -35,6 +35,10 @@ def test_train_and_sft_start_from_a_run_folder_as_eval_and_export_take_it(tiny_m
     assert main(["sft", *_common(tmp_path / "grpo", digits_jsonl, tmp_path / "sft2")]) == 0
     assert load_config(tmp_path / "sft2" / "config.yaml").model.name_or_path == str(
         tmp_path / "grpo" / "checkpoint-1" / "model")
+    # eval reads model.name_or_path=RUN the same way (it took a run folder only as --model)
+    assert main(["eval", *_common(tmp_path / "grpo", digits_jsonl, tmp_path / "unused"), f"data.eval={digits_jsonl}",
+                 "eval.max_new_tokens=4", "eval.batch_size=20", "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_samples"] == 20
 
 
 def test_a_lora_run_as_the_start_says_how_to_merge_it(tiny_model_dir, digits_jsonl, tmp_path, one_thread, capsys):

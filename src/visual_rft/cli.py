@@ -190,14 +190,14 @@ def _run_in_folder(args: argparse.Namespace, cfg: Any, out: str | None) -> objec
             return {"output": str(train_sft(cfg))}
         check_eval_out(out or cfg.output.dir, "--out" if out else "output.dir", overwrite=args.overwrite)
         from visual_rft.evaluate import run_eval
-        return run_eval(cfg, args.model, args.out)
+        return run_eval(cfg, args.model or cfg.model.name_or_path, args.out)  # a run folder too, as --model
 
 
 def run(args: argparse.Namespace) -> object:
     if args.command in ("train", "sft", "eval"):
         path, overrides = _split_config(args)
         cfg = load_config(path, overrides)
-        if args.command != "eval":  # eval resolves --model / model.name_or_path itself (evaluate.py)
+        if args.command != "eval":  # eval resolves --model, else model.name_or_path, itself (evaluate.py)
             cfg = start_model(cfg)
         from visual_rft.runfolder import removed_if_left_empty
 

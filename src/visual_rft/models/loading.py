@@ -13,9 +13,9 @@ import importlib.util
 import os
 import re
 import socket
-from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
