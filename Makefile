@@ -53,8 +53,9 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"
 
-# DeepSpeed ZeRO-2/3 launched on 2 CPU processes against 1-process runs (tests/test_deepspeed.py, ~2-4 min;
-# the first launch JIT-builds DeepSpeed's shm op, ~1.5 min, cached in ~/.cache/torch_extensions).
+# The engines launched on 2 CPU processes: DeepSpeed ZeRO-2/3 against 1-process runs (tests/test_deepspeed.py)
+# and accelerate's ddp.yaml / fsdp.yaml (tests/test_launch_configs.py); how long: README "Layout" (the first
+# launch JIT-builds DeepSpeed's shm op, cached in ~/.cache/torch_extensions).
 test-engines: setup
 	$(PY) -m pytest -q -m deepspeed
 

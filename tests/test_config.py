@@ -115,3 +115,13 @@ def test_an_optimiser_key_outside_its_block_names_the_new_key(tmp_path):
 
 def test_configs_are_shipped():
     assert {"flowers102_4shot.yaml", "demo.yaml"} <= {p.name for p in CONFIGS}
+
+
+def test_an_unknown_key_on_the_command_line_is_blamed_on_the_command_line():
+    """Issue 27, item 5: it read "configs/demo.yaml: unknown config key 'grpo.optim.learnig_rate'"."""
+    with pytest.raises(ConfigError) as caught:
+        load_config("configs/demo.yaml", ["grpo.optim.learnig_rate=1e-3"])
+    assert str(caught.value).startswith("command-line override: unknown config key 'grpo.optim.learnig_rate'")
+    assert "demo.yaml" not in str(caught.value)
+    # over the file's values: the file's other optimiser settings stay
+    assert load_config("configs/demo.yaml", ["grpo.optim.weight_decay=0.1"]).grpo.optim.learning_rate == 3e-4

@@ -74,6 +74,15 @@ def test_data_check_command_reports_and_exits_nonzero(mixed, capsys):
     assert main(["data", "check", f"data.train={mixed}", "data.limit=5"]) == 0
 
 
+def test_data_check_exits_1_for_data_it_cannot_read_and_2_for_a_bad_command(mixed, capsys):
+    """Issue 27, item 5: a missing image exited 2 (a corrupt one 1) while the README says 1 for bad data."""
+    (mixed.parent / "imgs" / "gray.png").unlink()
+    assert main(["data", "check", f"data.train={mixed}"]) == 1
+    err = capsys.readouterr().err
+    assert "bad data: " in err and "image file not found" in err and "gray.png" in err
+    assert main(["data", "check", f"data.train={mixed}", "data.trian=x"]) == 2  # the command is wrong
+
+
 def test_detection_ground_truth_that_does_not_parse_is_a_bad_record(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     rows = [{"image": "a.png", "solution": "<answer>[{'Position': [1, 2, 30, 40], 'Confidence': 1}]</answer>"},

@@ -19,7 +19,8 @@ def _run(prefix, tiny_model_dir, digits_jsonl, out, *extra):
            f"data.train={digits_jsonl}", f"output.dir={out}", "grpo.max_steps=3", "grpo.num_generations=4",
            "grpo.max_completion_length=8", "grpo.optim.learning_rate=1e-3", "grpo.beta=0.04", "output.progress=false",
            "grpo.per_device_batch_size=1", "task.rewards=[accuracy, format, toy_rewards:text_length]", *extra]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1"}
+    tests_and_sources = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": tests_and_sources, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in open(out / "metrics.jsonl")], load_file(

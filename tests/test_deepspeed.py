@@ -51,7 +51,7 @@ def _run(launcher, target, args, *, env=None, check=True, mixed_precision="no"):
         prefix += ["-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / f"{launcher}.yaml"),
                    "--num_processes", "2", "--mixed_precision", mixed_precision]
     target = ["-m", "visual_rft.cli", *target] if isinstance(target, list) else [str(target)]
-    environ = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1", **(env or {})}
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([*prefix, *target, *args], cwd=ROOT, env=environ, capture_output=True, text=True,
                           timeout=900)
     if check:
@@ -92,7 +92,8 @@ def one_process(tiny_model_dir, digits_jsonl, tmp_path_factory):
 def test_zero_on_two_processes_matches_one_process(stage, one_process, tiny_model_dir, digits_jsonl, tmp_path):
     out = tmp_path / stage
     done = _run(stage, ["train"], _grpo_args(tiny_model_dir, digits_jsonl, out, "grpo.grad_accum_steps=2"))
-    assert "DeepSpeed ZeRO-" + stage[-1] + " on 2 process(es)" in done.stderr  # not DDP in disguise
+    assert "DeepSpeed ZeRO-" + stage[-1] + " on 2 processes, device cpu, weights float32" in done.stderr  # not DDP
+    assert "FutureWarning" not in done.stderr  # DeepSpeed's deprecated torch collectives, 14 lines before
     assert sorted(p.name for p in (out / "checkpoint-3" / "deepspeed" / "state").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     _assert_same_training(one_process, out, load_file(str(tiny_model_dir / "model.safetensors")))
@@ -176,3 +177,36 @@ def test_zero2_bf16_keeps_fp32_masters_that_learn_at_the_papers_learning_rate(ti
     moved_one = torch.cat([m.flatten() for m in masters]) - begin
     assert (moved_ds != 0).float().mean() > 0.99 and moved_ds.abs().max() < 3.1e-6  # 3 steps x 1e-6
     assert (moved_ds - moved_one).norm() < 0.1 * moved_one.norm()  # measured 0.029
+
+
+def test_a_full_disk_inside_deepspeeds_save_stops_every_rank_with_one_clear_line(tiny_model_dir, digits_jsonl,
+                                                                                   tmp_path):
+    """Issue 27, item 6: ENOSPC inside DeepSpeed's save_checkpoint was a raw exception, and a rank failing
+    there alone left the others in DeepSpeed's barrier. A 6 MB disk passes the room check of the first
+    checkpoint (the weights, 2.8 MB) and fills while DeepSpeed writes its optimiser shards (2 x 4.2 MB)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6000000", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        out = disk / "run"
+        done = _run("zero2", ["train"], _grpo_args(tiny_model_dir, digits_jsonl, out, "output.save_steps=1"),
+                    check=False)
+        # each process exits 2 with one line; the launcher then reports its children's failure (exit 1)
+        assert done.returncode != 0 and "visual_rft/" not in done.stderr and "deepspeed/runtime" not in done.stderr
+        assert f"cannot write checkpoint-1 in {out}: no space left on the device (while writing deepspeed/)" \
+            in done.stderr, done.stderr[-3000:]
+        assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == []  # no torn staging folder
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_resume_with_changes_under_zero2_runs_the_new_learning_rate(tiny_model_dir, digits_jsonl, tmp_path):
+    """Issue 27, item 1, under DeepSpeed: its load_checkpoint restores the optimiser's param_groups (the
+    old lr and betas) after ours are built; the run's own are put back over them (Engine.load_state)."""
+    out = tmp_path / "run"
+    args = _grpo_args(tiny_model_dir, digits_jsonl, out, "grpo.grad_accum_steps=2", "grpo.max_steps=2")
+    _run("zero2", ["train"], args)
+    _run("zero2", ["train", "--resume-with-changes"], [*args, "grpo.max_steps=3", "grpo.optim.learning_rate=5e-4"])
+    assert [r["lr"] for r in _rows(out)] == [pytest.approx(1e-3)] * 2 + [pytest.approx(5e-4)]

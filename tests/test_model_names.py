@@ -51,6 +51,7 @@ def test_a_local_looking_missing_path_fails_at_once(tmp_path, monkeypatch):
         raise AssertionError("asked the hub (five retries, ~30 s offline)")
 
     monkeypatch.setattr(loading.AutoConfig, "from_pretrained", hub)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda: True)  # as with network: a hub id goes to the hub
     with pytest.raises(FileNotFoundError, match="'runs/tiny-model' does not exist .*local runs/ folder"):
         load_model_config("runs/tiny-model")
     with pytest.raises(AssertionError, match="asked the hub"):  # an id with no local folder of that name

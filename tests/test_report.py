@@ -381,3 +381,15 @@ def test_a_dataset_read_for_one_section_still_serves_the_next(tmp_path, monkeypa
     finder = images.ImageFinder([tmp_path], [images.DataSpec("data.parquet", None, "classification", None)])
     assert finder.find_many(["data.parquet:a"])["data.parquet:a"].image == pngs["a"]  # the training gallery
     assert finder.find_many(["data.parquet:b"])["data.parquet:b"].image == pngs["b"]  # then the eval cards
+
+
+def test_the_report_shows_a_16_bit_image_as_the_loader_decodes_it(tmp_path):
+    """Issue 27, item 6: the report opened images with PIL's convert("RGB"), which clips 16-bit pixels at
+    255 (a mid-grey 16-bit PNG showed white) while training saw them rescaled (data.record.load_rgb)."""
+    from visual_rft.data.record import load_rgb
+    from visual_rft.report.images import draw_image
+
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(path)
+    shown = np.asarray(draw_image(path))
+    assert shown.shape[2] == 3 and int(shown[0, 0, 0]) == np.asarray(load_rgb(path))[0, 0, 0] == 128

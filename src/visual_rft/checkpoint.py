@@ -91,7 +91,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     CheckpointWriteError."""
     import torch
 
-    from visual_rft.models.quiet import library_bars_off  # here: finding a checkpoint must not import transformers
+    from visual_rft.models.quiet import modes_like, save_model_dir  # here: finding a checkpoint must not import transformers
 
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
@@ -100,9 +100,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
     try:
         if not staged:
             start_checkpoint(out_dir, step)
-        with library_bars_off():
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            processor.save_pretrained(tmp / "model")
+        save_model_dir(model, processor, tmp / "model")
         states = {"optimizer.pt": optimizer, "scheduler.pt": scheduler}
         for writing, state in states.items():
             if state is not None:
@@ -114,17 +112,29 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: Any, processor: An
         _fault_point("checkpoint", step)
         writing = "trainer_state.json"
         (tmp / writing).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-        _modes_like(tmp, tmp / "config.yaml")
+        modes_like(tmp, tmp / "config.yaml")
         writing = "(fsync)"
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(_write_failure(out_dir, final, writing, exc, model, optimizer)) from None
+        raise CheckpointWriteError(write_failure(out_dir, final, writing, exc, model, optimizer)) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune_checkpoints(out_dir, keep)
     return final
+
+
+def room_error(out_dir: str | Path, step: int, model: Any) -> CheckpointWriteError | None:
+    """The error of a checkpoint that will not fit (the last one's size, else the weights' size, against
+    the free space), found before anything is written: for writers that must all agree to stop, such
+    as DeepSpeed's ranks, whose save_checkpoint waits in collectives for a rank that failed alone."""
+    out_dir = Path(out_dir)
+    if shutil.disk_usage(out_dir).free >= checkpoint_bytes(out_dir, model, None):
+        return None
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return CheckpointWriteError(write_failure(out_dir, out_dir / f"checkpoint-{step}", "(checked before writing)",
+                                              full, model, None))
 
 
 def checkpoint_bytes(out_dir: Path, model: Any, optimizer: Any) -> int:
@@ -139,7 +149,7 @@ def checkpoint_bytes(out_dir: Path, model: Any, optimizer: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _write_failure(out_dir: Path, final: Path, writing: str, exc: BaseException, model: Any, optimizer: Any) -> str:
+def write_failure(out_dir: Path, final: Path, writing: str, exc: BaseException, model: Any, optimizer: Any) -> str:
     needed, free = checkpoint_bytes(out_dir, model, optimizer), shutil.disk_usage(out_dir).free
     full = getattr(exc, "errno", None) == errno.ENOSPC or free < needed
     reason = "no space left on the device" if full else (getattr(exc, "strerror", None) or str(exc).splitlines()[0])
@@ -148,17 +158,6 @@ def _write_failure(out_dir: Path, final: Path, writing: str, exc: BaseException,
             f"takes about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there. The partial checkpoint was "
             f"removed{f'; {kept.name} is intact' if kept else ''}. Free space or lower output.save_total_limit, "
             "then continue with --resume.")
-
-
-def _modes_like(root: Path, template: Path) -> None:
-    """Give every file under `root` the mode of `template`, a file a plain open() wrote (0644 under
-    the usual umask): the weights writer creates model.safetensors 0600, so the rest of a team could
-    read everything but the weights. Read off a file rather than os.umask(), which would set the
-    umask to 0 for every thread of the process while it is read."""
-    mode = template.stat().st_mode & 0o777
-    for path in root.rglob("*"):
-        if path.is_file():
-            path.chmod(mode)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

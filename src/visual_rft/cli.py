@@ -13,6 +13,10 @@ from visual_rft.config import ConfigError, load_config
 from visual_rft.tasks import CLASS_KEY
 
 
+class BadData(Exception):
+    """`data check` found data it cannot read at all (exit 1, like records that fail the check)."""
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (configs/...); omit to use defaults")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.beta=0 model.name_or_path=DIR")
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "over the base they were trained on), an export or a hub id "
                                     "(default: model.name_or_path)")
     p.add_argument("--out", help="output directory for metrics.json and predictions.jsonl (default: output.dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in that directory")
 
     p = sub.add_parser("score", help="score saved completions (JSONL with completion + solution)")
     p.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"],
@@ -81,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task", choices=sorted(CLASS_KEY), default="classification",
                    help="what a class is: the label (classification) or the queried category (detection)")
     q.add_argument("--label-key", default=None, help="record field that names the class (overrides --task)")
-    q = data_sub.add_parser("check", help="check every record of the configured splits (exit 1 if any is bad)")
+    q = data_sub.add_parser("check", help="check every record of the configured splits (exit 1 if any is bad or "
+                                          "cannot be read, e.g. a missing image; 2 for a bad command or config)")
     _config_args(q)
 
     p = sub.add_parser("report", help="self-contained HTML report of training / eval / demo runs")
@@ -144,33 +150,60 @@ def check_resume_settings(cfg: Any, ckpt: Any, *, accept_changes: bool) -> None:
                  folder=cfg.output.dir)
 
 
+def start_model(cfg: Any) -> Any:
+    """train / sft: model.name_or_path resolved as eval / predict / export resolve a model (a run folder
+    or checkpoint -> its model/), so config.yaml records the weights the run started from."""
+    import dataclasses
+
+    from visual_rft.model_source import training_model
+
+    resolved = training_model(cfg.model.name_or_path)
+    if resolved == cfg.model.name_or_path:
+        return cfg
+    from visual_rft.runfolder import is_main_process
+
+    if is_main_process():
+        print(f"visual-rft: model.name_or_path={cfg.model.name_or_path} -> {resolved}", file=sys.stderr)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=resolved))
+
+
+def _run_in_folder(args: argparse.Namespace, cfg: Any, out: str | None) -> object:
+    """train / sft / eval, from the checks that run before torch is imported to the command's result."""
+    from visual_rft.preflight import find_resume_checkpoint, preflight
+    from visual_rft.runfolder import check_eval_out, check_fresh_run
+
+    preflight(cfg, args.command, out, "--out" if out else "output.dir")  # before torch and any model load
+    with run_lock(out or cfg.output.dir, args.command):
+        if args.command == "train":
+            ckpt = None
+            if args.resume or args.resume_with_changes or args.resume_if_present:
+                ckpt = find_resume_checkpoint(cfg.output.dir, required=not args.resume_if_present)
+            if ckpt is None:
+                check_fresh_run(cfg.output.dir, "output.dir", overwrite=args.overwrite)
+            else:
+                check_resume_settings(cfg, ckpt, accept_changes=args.resume_with_changes)
+            from visual_rft.rl.trainer import train_grpo
+            return {"output": str(train_grpo(cfg, resume=ckpt is not None))}
+        if args.command == "sft":
+            check_fresh_run(cfg.output.dir, "output.dir", overwrite=args.overwrite)
+            from visual_rft.sft import train_sft
+            return {"output": str(train_sft(cfg))}
+        check_eval_out(out or cfg.output.dir, "--out" if out else "output.dir", overwrite=args.overwrite)
+        from visual_rft.evaluate import run_eval
+        return run_eval(cfg, args.model or cfg.model.name_or_path, args.out)  # a run folder too, as --model
+
+
 def run(args: argparse.Namespace) -> object:
     if args.command in ("train", "sft", "eval"):
         path, overrides = _split_config(args)
         cfg = load_config(path, overrides)
-        from visual_rft.preflight import find_resume_checkpoint, preflight
-        from visual_rft.runfolder import check_eval_out, check_fresh_run
+        if args.command != "eval":  # eval resolves --model, else model.name_or_path, itself (evaluate.py)
+            cfg = start_model(cfg)
+        from visual_rft.runfolder import removed_if_left_empty
 
-        out = getattr(args, "out", None)  # before torch is imported and any model loads
-        preflight(cfg, args.command, out, "--out" if out else "output.dir")
-        with run_lock(out or cfg.output.dir, args.command):
-            if args.command == "train":
-                ckpt = None
-                if args.resume or args.resume_with_changes or args.resume_if_present:
-                    ckpt = find_resume_checkpoint(cfg.output.dir, required=not args.resume_if_present)
-                if ckpt is None:
-                    check_fresh_run(cfg.output.dir, "output.dir", overwrite=args.overwrite)
-                else:
-                    check_resume_settings(cfg, ckpt, accept_changes=args.resume_with_changes)
-                from visual_rft.rl.trainer import train_grpo
-                return {"output": str(train_grpo(cfg, resume=ckpt is not None))}
-            if args.command == "sft":
-                check_fresh_run(cfg.output.dir, "output.dir", overwrite=args.overwrite)
-                from visual_rft.sft import train_sft
-                return {"output": str(train_sft(cfg))}
-            check_eval_out(out or cfg.output.dir, "--out" if out else "output.dir")
-            from visual_rft.evaluate import run_eval
-            return run_eval(cfg, args.model, args.out)
+        out = getattr(args, "out", None)
+        with removed_if_left_empty(out or cfg.output.dir):
+            return _run_in_folder(args, cfg, out)
     if args.command == "score":
         from visual_rft.score import score_file
         return score_file(args.input, args.output, args.task, args.mode, args.thinking)
@@ -178,9 +211,14 @@ def run(args: argparse.Namespace) -> object:
         from visual_rft.models.tiny import build_tiny_model
         return {"model": str(build_tiny_model(args.dir, seed=args.seed, arch=args.arch))}
     if args.command == "data" and args.data_command == "check":
+        from visual_rft.data.errors import DataError
         from visual_rft.runtime import check_data
         path, overrides = _split_config(args)
-        return check_data(load_config(path, overrides))
+        cfg = load_config(path, overrides)
+        try:
+            return check_data(cfg)
+        except DataError as exc:  # the data is bad (a missing image, a row without a solution): exit 1, as
+            raise BadData(str(exc)) from None  # for an image that does not decode; 2 is for a bad command
     if args.command == "data":
         from visual_rft.data.sources import fewshot_command
         return fewshot_command(args.source, args.out, args.k, args.seed, args.label_key or CLASS_KEY[args.task])
@@ -223,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, CheckpointWriteError) as exc:
         print(f"visual-rft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BadData as exc:
+        print(f"visual-rft {args.command}: bad data: {exc}", file=sys.stderr)
+        return 1
     except Preempted as stopped:
         if is_main_process():
             print(f"visual-rft {args.command}: {stopped}", file=sys.stderr)

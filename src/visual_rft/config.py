@@ -380,16 +380,6 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML at `path` < `key=value` overrides; validated, with errors naming the key."""
     tree: dict[str, Any] = {}
@@ -403,11 +393,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = _merge(tree, parse_overrides(overrides or []))
     try:
         cfg = build(Config, tree)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    try:  # on top of the file's values, so an error here is blamed on the command line, not on the file
+        cfg = build(Config, parse_overrides(overrides or []), base=cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"command-line override: {exc}") from None
     validate(cfg)
     return cfg
 

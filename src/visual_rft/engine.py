@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
-from visual_rft.checkpoint import load_training_state, save_checkpoint, start_checkpoint
+from visual_rft.checkpoint import (CheckpointWriteError, load_training_state, room_error, save_checkpoint,
+                                   start_checkpoint, write_failure)
 from visual_rft.config import Config, ConfigError
-from visual_rft.optim import clip_and_step, make_optimizer
+from visual_rft.models.quiet import name_deepspeeds_cpu_accelerator
+from visual_rft.optim import apply_optim_settings, clip_and_step, make_optimizer
 from visual_rft.runlog import tracker_names
 
 DEEPSPEED_STATE = "deepspeed"  # checkpoint-N/deepspeed/: DeepSpeed's own (sharded) optimiser state
@@ -56,15 +60,18 @@ def make_accelerator(cfg: Config) -> Accelerator:
     FSDP or DeepSpeed. accelerate drops a DeepSpeed config without a word when told `cpu=True`
     (distributed type MULTI_CPU, plain DDP), so a DeepSpeed launch on a machine without CUDA runs
     DeepSpeed's CPU accelerator over gloo instead, and one that asks for the CPU beside a GPU stops."""
+    name_deepspeeds_cpu_accelerator()
     has_cuda = torch.cuda.is_available()
-    if not has_cuda:  # else DeepSpeed (when installed) announces its CPU pick on stdout, where commands print JSON
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     want_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not has_cuda)
     kwargs: dict[str, Any] = {}
     trackers = tracker_names(cfg.output)  # started by RunLog (init_trackers), only by the runs that log
     if trackers:  # TensorBoard events go to output.dir/tensorboard/<output.project>
         project = ProjectConfiguration(project_dir=cfg.output.dir, logging_dir=str(Path(cfg.output.dir) / "tensorboard"))
         kwargs = {"log_with": trackers, "project_config": project}
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not has_cuda:
+        raise ConfigError("an FSDP launch config on a machine without CUDA: accelerate's FSDP plugin needs GPUs "
+                          "(it stops with 'no available devices'); on CPU processes launch configs/accelerate/ddp.yaml, "
+                          "or zero2.yaml / zero3.yaml with --mixed_precision no (DeepSpeed runs on CPU)")
     if deepspeed_requested():
         if has_cuda and cfg.model.device == "cpu":
             raise ConfigError("model.device=cpu under a DeepSpeed launch config on a machine with CUDA: accelerate "
@@ -177,17 +184,58 @@ def _deepspeed_dtype(ds: dict[str, Any]) -> torch.dtype:
 
 def deepspeed_load_dtype(requested: str, ds: dict[str, Any]) -> str:
     """model.dtype under the DeepSpeed config `ds` (see Engine.load_dtype)."""
+    return launch_load_dtype(requested, _deepspeed_dtype(ds), deepspeed=True)
+
+
+_MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # accelerate's names of its autocast dtypes
+
+
+def launch_load_dtype(requested: str, launch: torch.dtype | None, *, deepspeed: bool) -> str:
+    """The dtype weights load in, given model.dtype and the precision the launch config asks for
+    (`launch`: DeepSpeed's own, fp32 included; else accelerate's mixed_precision, None for `no`).
+
+    `auto` follows the launch config. An explicit model.dtype that the launch config contradicts stops,
+    naming both: DeepSpeed would cast float32 weights to its bf16 (the README's ZeRO-3 line trained
+    in bf16 on CPU, ~170x slower there, while the config said float32), and accelerate's autocast
+    would run a float32 model's matmuls in bf16."""
     from visual_rft.models.loading import resolve_dtype
 
-    engine_dtype = _deepspeed_dtype(ds)
     if str(requested).lower() == "auto":
-        return str(engine_dtype).removeprefix("torch.")
+        return str(launch).removeprefix("torch.") if deepspeed else requested
     dtype = resolve_dtype(requested, "cpu")
-    if dtype != torch.float32 and dtype != engine_dtype:
+    if launch is None or dtype == launch:
+        return requested
+    given = str(launch).removeprefix("torch.")
+    if deepspeed and launch == torch.float32:
         raise ConfigError(f"model.dtype={requested} under DeepSpeed, whose launch config's mixed_precision gives "
-                          f"{engine_dtype}: DeepSpeed would step {dtype} weights without fp32 masters; set "
+                          f"{given}: DeepSpeed would step {dtype} weights without fp32 masters; set "
                           "mixed_precision in the launch config to match, or model.dtype=auto")
-    return requested
+    who = "DeepSpeed would cast the weights to" if deepspeed else "accelerate would autocast the forward to"
+    raise ConfigError(f"model.dtype={requested} but the launch config's mixed_precision is {given}: {who} {given}. "
+                      f"Pass --mixed_precision no to accelerate launch to train in {requested} (on CPU: bf16 "
+                      f"matmuls are far slower), or model.dtype=auto to train in {given}")
+
+
+# accelerate's DistributedType members by what a user knows them as (its enum names read "NO", "MULTI_CPU")
+_ENGINE_NAMES = {DistributedType.NO: "one process", DistributedType.MULTI_CPU: "DDP", DistributedType.MULTI_GPU: "DDP",
+                 DistributedType.FSDP: "FSDP"}
+
+
+def _quiet_deepspeeds_collective_warnings() -> None:
+    """DeepSpeed 0.19 calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, which
+    torch 2.13 deprecates with a FutureWarning at each call site (14 lines per run): DeepSpeed's to
+    change, not the user's. Those two messages only are dropped, for the DeepSpeed runs that cause them."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            r"is deprecated", category=FutureWarning)
+
+
+def _attempt(save: Any, *args: Any, **kwargs: Any) -> Exception | None:
+    """`save(*args, **kwargs)`, its CheckpointWriteError returned rather than raised (see Engine.save)."""
+    try:
+        save(*args, **kwargs)
+    except CheckpointWriteError as exc:
+        return exc
+    return None
 
 
 class Engine:
@@ -197,12 +245,16 @@ class Engine:
         self.accelerator = make_accelerator(cfg)
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch
+        self.optim_settings = getattr(cfg, section).optim  # re-applied over a resumed checkpoint's (load_state)
+        self.requested_dtype = cfg.model.dtype
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
             _fill_deepspeed_config(self.accelerator.state.deepspeed_plugin, section, micro_batch=micro_batch,
                                    grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                                    world=self.accelerator.num_processes)
             self.accelerator.gradient_accumulation_steps = grad_accum
+            _quiet_deepspeeds_collective_warnings()
+        self.load_dtype(self.requested_dtype)  # a launch config contradicting model.dtype stops every rank here
         self.announce()
 
     # ------------------------------------------------------------------ what runs
@@ -220,21 +272,39 @@ class Engine:
         """Say on stderr which engine a distributed run got (a launch config that did not take effect
         is otherwise invisible: accelerate used to turn DeepSpeed into DDP without a word)."""
         if self.accelerator.is_main_process and (self.deepspeed or self.accelerator.num_processes > 1):
-            print(f"visual-rft: engine: {self.describe()}", file=sys.stderr)
+            print(f"visual-rft: engine: {self.describe()}, {self.precision()}", file=sys.stderr)
 
     def describe(self) -> str:
-        kind = self.accelerator.distributed_type
-        name = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else str(kind).split(".")[-1]
-        return f"{name} on {self.accelerator.num_processes} process(es), device {self.accelerator.device.type}"
+        """e.g. "DeepSpeed ZeRO-3 on 2 processes, device cpu" or "one process without DeepSpeed, device cpu"."""
+        kind, processes = self.accelerator.distributed_type, self.accelerator.num_processes
+        name = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else _ENGINE_NAMES.get(kind, kind.value)
+        where = f"on {processes} processes" if processes > 1 else "without DeepSpeed" if kind == DistributedType.NO \
+            else "on 1 process"
+        return f"{name} {where}, device {self.accelerator.device.type}"
 
     # ------------------------------------------------------------------ weights and precision
     def load_dtype(self, requested: str) -> str:
-        """The dtype the policy loads in. DeepSpeed casts the weights to its own precision (the launch
-        config's mixed_precision) and keeps fp32 masters of them, so `auto` loads in that precision,
-        and a low-precision dtype DeepSpeed would step without masters is refused."""
-        if not self.deepspeed:
-            return requested
-        return deepspeed_load_dtype(requested, self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        """The dtype the policy loads in: `auto` follows the launch config's precision (DeepSpeed casts
+        the weights to its own and keeps fp32 masters of them); an explicit dtype the launch config
+        contradicts stops (launch_load_dtype)."""
+        return launch_load_dtype(requested, self.launch_dtype(), deepspeed=self.deepspeed)
+
+    def launch_dtype(self) -> torch.dtype | None:
+        if self.deepspeed:
+            return _deepspeed_dtype(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        return _MIXED_PRECISION.get(str(self.accelerator.mixed_precision))
+
+    def precision(self) -> str:
+        """The weights' dtype and who keeps fp32 masters of low-precision weights, for the engine line."""
+        from visual_rft.models.loading import resolve_dtype
+
+        dtype = resolve_dtype(self.load_dtype(self.requested_dtype), self.accelerator.device)
+        name = str(dtype).removeprefix("torch.")
+        if dtype == torch.float32:
+            autocast = str(self.accelerator.mixed_precision)
+            return f"weights {name}" + (f", autocast {autocast}" if autocast in _MIXED_PRECISION else "")
+        keeper = "DeepSpeed" if self.deepspeed else "visual-rft's MasterWeightAdamW"
+        return f"weights {name}, fp32 masters kept by {keeper}"
 
     @contextlib.contextmanager
     def building(self) -> Iterator[None]:
@@ -325,23 +395,58 @@ class Engine:
     def save(self, model: Any, out: Path, step: int, **kwargs: Any) -> None:
         """checkpoint-`step` of the run in `out`, written by the main process (atomically, see
         checkpoint.py); under DeepSpeed every rank first writes its shard of the optimiser state (fp32
-        masters included) into the staging folder, then the whole weights are gathered for model/."""
+        masters included) into the staging folder, then the whole weights are gathered for model/.
+        A write that fails (a full disk) stops every process together with CheckpointWriteError."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if not self.deepspeed:
-            if acc.is_main_process:
-                save_checkpoint(out, step, model=self.unwrap(model), **kwargs)
+            failed = _attempt(save_checkpoint, out, step, model=self.unwrap(model), **kwargs) \
+                if acc.is_main_process else None
         else:
-            staging = start_checkpoint(out, step, create=acc.is_main_process)
-            acc.wait_for_everyone()
-            model.save_checkpoint(str(staging / DEEPSPEED_STATE), tag=_TAG, save_latest=False)
-            kwargs["optimizer"] = None  # its state is in deepspeed/, sharded
-            # ZeRO-3: every rank takes part in gathering the whole weights, which transformers then
-            # writes under its usual names (a consolidated state dict would bypass its key mapping).
-            with self.generation_weights(model) as whole:
-                if acc.is_main_process:
-                    save_checkpoint(out, step, model=whole, staged=True, **kwargs)
+            failed = self._save_deepspeed(model, out, step, kwargs)
         acc.wait_for_everyone()
+        self._stop_together(failed, out, step)
+
+    def _save_deepspeed(self, model: Any, out: Path, step: int, kwargs: dict[str, Any]) -> Exception | None:
+        """DeepSpeed's save_checkpoint has collectives before and after each rank's writes, so a rank
+        that fails alone would leave the others waiting there: the ranks agree on the room first, and a
+        rank whose write fails anyway still meets the others in the barrier DeepSpeed's save ends with."""
+        acc = self.accelerator
+        staging = start_checkpoint(out, step, create=acc.is_main_process)
+        acc.wait_for_everyone()
+        failed: Exception | None = room_error(out, step, model)
+        if self._any_process(failed is not None):
+            return failed
+        try:
+            model.save_checkpoint(str(staging / DEEPSPEED_STATE), tag=_TAG, save_latest=False)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            failed = CheckpointWriteError(write_failure(out, out / f"checkpoint-{step}", f"{DEEPSPEED_STATE}/", exc,
+                                                        model, None))
+            torch.distributed.barrier()  # the one DeepSpeed's save ends with, where the other ranks wait
+        if self._any_process(failed is not None):
+            return failed
+        kwargs["optimizer"] = None  # its state is in deepspeed/, sharded
+        # ZeRO-3: every rank takes part in gathering the whole weights, which transformers then
+        # writes under its usual names (a consolidated state dict would bypass its key mapping).
+        with self.generation_weights(model) as whole:
+            if acc.is_main_process:
+                failed = _attempt(save_checkpoint, out, step, model=whole, staged=True, **kwargs)
+        return failed
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        votes = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
+
+    def _stop_together(self, failed: Exception | None, out: Path, step: int) -> None:
+        if not self._any_process(failed is not None):
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(start_checkpoint(out, step, create=False), ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # a launcher stops the others once one process exits
+        raise failed or CheckpointWriteError(f"cannot write checkpoint-{step} in {out}: another process failed "
+                                             "(its error is above)")
 
     def load_state(self, model: Any, ckpt: Path, *, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         """Restore what `save` wrote beside the weights; returns trainer_state.json."""
@@ -354,4 +459,6 @@ class Engine:
             model.load_checkpoint(str(ckpt / DEEPSPEED_STATE), tag=_TAG, load_optimizer_states=True,
                                   load_lr_scheduler_states=False)
             optimizer = None
-        return load_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        state = load_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)
+        apply_optim_settings(scheduler, self.optim_settings)  # a resume with changes runs the new ones
+        return state

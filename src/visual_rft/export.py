@@ -22,6 +22,7 @@ from visual_rft.config import Config, save_config, to_dict
 from visual_rft.model_source import CONFIG_NAME, ModelSource, load_source, resolve_model_source, source_config
 from visual_rft.runlog import read_jsonl
 from visual_rft.engine import make_accelerator
+from visual_rft.models.quiet import save_model_dir
 
 _GRPO_KEYS = ("num_generations", "per_device_batch_size", "grad_accum_steps", "learning_rate", "beta", "epsilon",
               "temperature", "max_completion_length", "loss_type", "seed")
@@ -47,8 +48,7 @@ def export_model(spec: str, out: str | Path, *, config: str | None = None, overr
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        save_model_dir(model, processor, tmp)
         (tmp / "README.md").write_text(model_card(source, trained, merged, out.name))
         save_config(exported_config(cfg, out), tmp / CONFIG_NAME)
         os.replace(tmp, out)

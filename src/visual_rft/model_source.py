@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from visual_rft.checkpoint import latest_checkpoint
-from visual_rft.config import Config, load_config
+from visual_rft.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # train / sft resolve their model before torch is imported (preflight.py)
+    import torch
 
 # the run config an exported model directory carries (export.py), so prompts stay the training ones
 CONFIG_NAME = "visual_rft_config.yaml"
@@ -69,6 +70,18 @@ def resolve_model_source(spec: str | Path) -> ModelSource:
     raise FileNotFoundError(
         f"{path} is not a model directory (no config.json or adapter_config.json), a checkpoint "
         "(no trainer_state.json) or a run directory (no checkpoint-N/)")
+
+
+def training_model(spec: str) -> str:
+    """model.name_or_path of `train` / `sft` as the other commands read a model: a run folder is its
+    latest checkpoint's model/, a checkpoint-N its model/ (GRPO from an SFT run is the usual second
+    step). LoRA adapters are no whole model to start from: export merges them over their base."""
+    source = resolve_model_source(spec)
+    if source.adapters:
+        raise ConfigError(f"model.name_or_path={spec}: {source.model} holds LoRA adapters, not a whole model; merge "
+                          f"them over their base first (visual-rft export {spec} DIR) and train from "
+                          "model.name_or_path=DIR")
+    return source.model
 
 
 def adapter_base(source: ModelSource) -> str:

@@ -95,6 +95,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_s
                          num_training_steps=total_steps)
 
 
+def apply_optim_settings(scheduler: Any, optim: OptimConfig) -> None:
+    """Put the run's own optimiser settings over those a resumed checkpoint restored.
+
+    An optimiser's state_dict carries its hyper-parameters (lr, initial_lr, betas, weight_decay) and a
+    LambdaLR's carries base_lrs, so loading them brings back the checkpoint's values: a resume with a
+    new learning rate (--resume-with-changes) recorded it and went on at the old one. The moments and
+    the step count stay restored; the rate is recomputed from the new peak and the new schedule at the
+    restored step (same values bit for bit when nothing changed)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # every optim.lr_scheduler choice is one
+        raise TypeError(f"cannot re-apply optimiser settings to a {type(scheduler).__name__}")
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [optim.learning_rate] * len(groups)
+    lrs = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(groups, lrs):
+        group.update(lr=lr, initial_lr=optim.learning_rate, weight_decay=optim.weight_decay,
+                     betas=(optim.adam_beta1, optim.adam_beta2))
+    scheduler._last_lr = lrs  # what get_last_lr() (metrics.jsonl's lr) reads
+
+
 def total_steps(num_records: int, per_step: int, num_epochs: float, max_steps: int) -> int:
     """Optimiser steps for a run: `max_steps` when set, else enough steps to see the data num_epochs times."""
     if max_steps > 0:

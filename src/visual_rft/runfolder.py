@@ -7,12 +7,14 @@ torchrun / accelerate only the main process (RANK 0) takes the lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 LOCK_NAME = ".visual-rft.lock"
@@ -28,6 +30,10 @@ _RUN_DIRS = ("checkpoint-", ".tmp-checkpoint-")
 _HARMLESS_PREFIXES = ("output.", "eval.", "demo.", "sweep.")
 _HARMLESS_KEYS = {"grpo.max_steps", "sft.max_steps", "grpo.fast", "model.gradient_checkpointing",
                   "grpo.optim.max_nonfinite_steps", "sft.optim.max_nonfinite_steps"}
+# Settings a resume cannot apply, whatever the flag: the resumed policy is the checkpoint's model/
+# (its adapters keep the rank, targets and base they were saved with), not model.name_or_path's.
+_FIXED_PREFIXES = ("model.lora.",)
+_FIXED_KEYS = {"model.name_or_path"}
 
 
 class RunFolderError(ValueError):
@@ -136,6 +142,21 @@ def heartbeat(folder: str | Path) -> None:
         pass  # not run from the command line (no lock), or the folder went away
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | Path) -> Iterator[None]:
+    """A command that creates `folder` and then fails (a missing model, a hub id without network)
+    leaves nothing behind: the folder is removed again if it was not there before and is still empty."""
+    folder = Path(folder)
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and is_main_process() and folder.is_dir() and not any(folder.iterdir()):
+            with contextlib.suppress(OSError):  # another process wrote into it meanwhile: keep it
+                folder.rmdir()
+        raise
+
+
 # ------------------------------------------------------------------------------- a fresh run
 def run_artifacts(folder: str | Path) -> list[Path]:
     folder = Path(folder)
@@ -165,13 +186,21 @@ def check_fresh_run(folder: str | Path, setting: str, *, overwrite: bool) -> Non
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def check_eval_out(folder: str | Path, setting: str) -> None:
+_EVAL_FILES = ("metrics.json", "predictions.jsonl")  # what an evaluation writes beside its config.yaml
+
+
+def check_eval_out(folder: str | Path, setting: str, *, overwrite: bool = False) -> None:
     """eval writes config.yaml, metrics.json and predictions.jsonl: into a training run's own folder it
-    would replace that run's config.yaml (what --resume and predict read)."""
+    would replace that run's config.yaml (what --resume and predict read), and over an earlier
+    evaluation it would replace that one's results (only with `overwrite`)."""
     found = _held_run(folder)
     if found:
         raise RunFolderError(f"{setting}={folder} holds a training run ({found[0].name}, ...): eval would replace its "
                              f"config.yaml; write the evaluation next to it with --out {Path(folder) / 'eval'}")
+    earlier = [name for name in _EVAL_FILES if (Path(folder) / name).is_file()]
+    if earlier and not overwrite:
+        raise RunFolderError(f"{setting}={folder} holds an earlier evaluation ({', '.join(earlier)}): choose another "
+                             f"{setting}, or pass --overwrite to replace it")
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -201,6 +230,13 @@ def check_resume(saved: dict[str, Any], requested: dict[str, Any], *, where: str
     """Refuse a resume whose settings change what the run computes (unless `accept_changes`);
     record every change, harmless or accepted, in the folder's resume_changes.jsonl."""
     changes = config_changes(saved, requested)
+    fixed = [c for c in changes if c[0].startswith(_FIXED_PREFIXES) or c[0] in _FIXED_KEYS]
+    if fixed:
+        lines = "\n".join(f"  {k}: {old!r} (in {where}) -> {new!r} (now)" for k, old, new in fixed)
+        raise RunFolderError(f"--resume cannot apply these settings: the resumed policy is {where}/model, "
+                             f"which keeps the model (and LoRA adapters) it was saved with:\n{lines}\nresume with "
+                             f"the run's own values, or start a new run from it (model.name_or_path={folder}) in "
+                             "another output.dir")
     computing = [c for c in changes if not harmless(c[0])]
     if computing and not accept_changes:
         lines = "\n".join(f"  {k}: {old!r} (in {where}) -> {new!r} (now)" for k, old, new in computing)

@@ -14,6 +14,7 @@ from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, Record
 from visual_rft.data.sources import load_records
 from visual_rft.models.families import default_box_space
 from visual_rft.models.loading import build_model_inputs, load_model_and_processor, load_model_config
+from visual_rft.models.quiet import peft_wrapping
 from visual_rft.tasks.prompts import build_prompt
 
 
@@ -95,7 +96,8 @@ def load_policy(cfg: Config, device: torch.device, path: str | Path | None = Non
     if adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
     image_processor = getattr(processor, "image_processor", None)
     for key in ("min_pixels", "max_pixels"):
         value = getattr(m, key)

@@ -13,8 +13,12 @@ AutoProcessor, so `AutoProcessor.from_pretrained` on a saved checkpoint finds th
 model's card says `import visual_rft.models` for this).
 """
 
-from visual_rft.models.families import register_processors
-from visual_rft.versions import check_transformers
+from visual_rft.models.quiet import name_deepspeeds_cpu_accelerator
+
+name_deepspeeds_cpu_accelerator()  # before the imports below can reach DeepSpeed's accelerator pick
+
+from visual_rft.models.families import register_processors  # noqa: E402
+from visual_rft.versions import check_transformers  # noqa: E402
 
 check_transformers()  # every command that touches a model comes through here: refuse untested versions early
 register_processors()

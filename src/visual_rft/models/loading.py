@@ -7,11 +7,15 @@ the real one. Per-family decisions come from families.py; nothing here imports t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -20,6 +24,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from visual_rft.models.families import (config_vision_token_ids, load_family_processor, processor_class_for,
                                         processor_vision_tokens, tile_placeholders)
+from visual_rft.models.quiet import library_bars_off, peft_wrapping
 
 # Placeholder / delimiter tokens that only the processor may place: a sampled <|image_pad|> makes the
 # next forward fail with "Image features and image tokens do not match", so generation suppresses them
@@ -67,7 +72,36 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool]:
     if "/" in name_or_path and owner.is_dir():  # `runs/tiny-model` beside a runs/ folder: a path, not a hub id
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist (there is a local {owner}/ folder, so "
                                 "this is read as a path, not a hub id)")
+    _check_hub(name_or_path)
     return name_or_path, False
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_hub(repo_id: str) -> None:
+    """A hub id without network: huggingface_hub retries its request five times (~30 s of 'Retrying'
+    lines) before failing, even for a model in the local cache. Probe once instead: unreachable and
+    cached, load from the cache (offline mode); unreachable and not cached, stop with one line."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or _hub_reachable():  # offline: the user's choice, the cache is read
+        return
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        constants.HF_HUB_OFFLINE = True  # read by huggingface_hub at every request
+        return
+    raise FileNotFoundError(f"model {repo_id!r}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached and "
+                            "the model is not in the local cache; download it where there is network and pass its "
+                            "local directory")
 
 
 def load_model_config(name_or_path: str):
@@ -139,7 +173,8 @@ def _apply_lora(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module
         r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
         lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets, bias="none",
     )
-    return get_peft_model(model, config)
+    with peft_wrapping():
+        return get_peft_model(model, config)
 
 
 def resolve_attention(requested: str | None, device, dtype: torch.dtype) -> str | None:
@@ -158,7 +193,11 @@ def _load_model(name_or_path: str, dtype: str, device, attn_implementation: str 
     attn_implementation = resolve_attention(attn_implementation, device, kwargs["dtype"])
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(_resolve_source(name_or_path)[0], **kwargs)
+    source, is_local = _resolve_source(name_or_path)
+    # transformers draws a "Loading weights" bar for every load, in every command; a hub download
+    # keeps its bars (they also switch off huggingface_hub's), where minutes may pass
+    with library_bars_off() if is_local else contextlib.nullcontext():
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     return model.to(device)
 
 

@@ -27,7 +27,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from visual_rft.models.families import processor_class_for
-from visual_rft.models.quiet import library_bars_off
+from visual_rft.models.quiet import save_model_dir
 from visual_rft.models.tiny_families import TINY_FAMILIES
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", *TINY_FAMILIES)
@@ -267,7 +267,5 @@ def build_tiny_model(out_dir: str | Path, **options: Any) -> Path:
     model, processor = make_tiny_model(**options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with library_bars_off():
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
+    save_model_dir(model, processor, out)
     return out

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
+from visual_rft.data.record import load_rgb
 from visual_rft.tasks.boxes import Box, BoxSpace, from_space
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -253,12 +254,8 @@ def _open_all(path: Any) -> list[Image.Image]:
     images or files; all of a multi-image record's)."""
     if hasattr(path, "load_images"):
         return path.load_images()
-    images = []
-    for one in path if isinstance(path, list) else [path]:
-        with Image.open(one) as img:
-            img.load()
-            images.append(img.convert("RGB"))
-    return images
+    # the loader's decoding (data.record.load_rgb): a 16-bit image shows as it trained, not clipped white
+    return [load_rgb(one, str(one)) for one in (path if isinstance(path, list) else [path])]
 
 
 def _scale(img: Image.Image) -> float:
