@@ -10,7 +10,9 @@ a hub id are served as they are.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,6 +45,7 @@ def serving_dir(name_or_path: str) -> str:
     if not source.is_dir() or not needs_twin(source):
         return name_or_path
     twin = Path(tempfile.mkdtemp(prefix="visual-rft-vllm-model-"))
+    atexit.register(shutil.rmtree, twin, True)  # links and two small JSON files, gone with the process
     for item in source.iterdir():
         if item.name not in ("processor_config.json", "video_preprocessor_config.json"):
             (twin / item.name).symlink_to(item.resolve())
