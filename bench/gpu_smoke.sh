@@ -32,7 +32,10 @@ print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "|
       "| attention (auto):", resolve_attention("auto", "cuda", torch.bfloat16))
 PY
 
-timeout 420 $PY bench/grpo_step.py --model 2b --device cuda --dtype bfloat16 --warmup 1 --steps 2 2>&1 \
+# With vLLM installed (users' GPU machines; the lent device cannot carry it) the bench adds ours with vLLM
+# rollouts (grpo.rollout=vllm) and prints rollout_vllm_over_hf=...
+VLLM_SIDE=$($PY -c 'import importlib.util; print("--vllm" if importlib.util.find_spec("vllm") else "")')
+timeout 420 $PY bench/grpo_step.py --model 2b --device cuda --dtype bfloat16 --warmup 1 --steps 2 $VLLM_SIDE 2>&1 \
   | grep -v -e "Warning" -e "warnings.warn" -e "Loading weights" -e "Writing model" | tee "$OUT/bench.txt"
 timeout 120 $PY -m pytest -q -m gpu tests 2>&1 | tail -n 5 | tee "$OUT/gpu_tests.txt"
 if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] && $PY -c "import deepspeed" 2>/dev/null; then
