@@ -10,11 +10,11 @@ import torch
 from visual_rft.cli import main
 from visual_rft.runlog import read_jsonl
 
+from cli_runs import train_args
+
 
 def _args(tiny_model_dir, digits_jsonl, out, *extra):
-    return ["train", "configs/demo.yaml", f"model.name_or_path={tiny_model_dir}", f"data.train={digits_jsonl}",
-            f"output.dir={out}", "grpo.max_steps=2", "grpo.num_generations=2", "grpo.per_device_batch_size=1",
-            "grpo.max_completion_length=6", "output.progress=false", "output.save_steps=1", *extra]
+    return train_args(tiny_model_dir, digits_jsonl, out, *extra, completion_tokens=6)
 
 
 @pytest.fixture
