@@ -313,6 +313,7 @@ def step_ours(trainer, monitor, batch):
     with monitor.phase("rollout"):  # the weight sync counts as rollout: vLLM's copy must catch up every step
         trainer.rollout_engine.sync(trainer.model)
         rollout = trainer.sample(batch)
+        trainer.rollout_engine.after_rollout()
     with monitor.phase("reward"):
         trainer.score(rollout)
         trainer.advantage(rollout)

@@ -87,12 +87,16 @@ class _OffsetSampler:
     trainer's: every token's importance weight is exactly exp(offset)."""
 
     name = "offset"
+    syncs_weights = False
 
     def __init__(self, trainer, offset):
         self.inner, self.trainer, self.offset = trainer.rollout_engine, trainer, offset
 
     def sync(self, model):
         return False
+
+    def after_rollout(self):
+        pass
 
     def generate(self, model, request):
         drawn = self.inner.generate(model, request)

@@ -21,7 +21,7 @@ from visual_rft.rl.fast import rollout_logprobs  # noqa: E402
 from visual_rft.rl.rollout import scoring_inputs  # noqa: E402
 from visual_rft.rl.trainer import GRPOTrainer, train_grpo  # noqa: E402
 from visual_rft.runlog import read_jsonl  # noqa: E402
-from visual_rft.runtime import load_split, prompt_batch  # noqa: E402
+from visual_rft.runtime import load_split, prompt_batch, prompt_parts  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 DEMO_CONFIG = Path(__file__).parent.parent / "configs" / "demo.yaml"
@@ -84,12 +84,14 @@ def test_same_seed_same_samples_and_groups_are_not_copies(trainer):
 def test_vllm_prompts_must_match_the_trainers(trainer):
     """The guard against the peers' image-expansion bugs: a prompt whose tokens differ from vLLM's stops."""
     batch = trainer.records[:2]
-    group, _ = prompt_batch(batch, trainer.cfg, trainer.processor, trainer.accelerator.device)
+    parts = prompt_parts(batch, trainer.cfg)
+    group, _ = prompt_batch(batch, trainer.cfg, trainer.processor, trainer.accelerator.device, parts=parts)
     image_pad = trainer.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     doubled = {**group, "input_ids": group["input_ids"].clone()}
     doubled["input_ids"][doubled["input_ids"] == image_pad] = trainer.processor.tokenizer.pad_token_id
     with pytest.raises(RuntimeError, match="image expansion differs"):
-        trainer.rollout_engine.generate(trainer.model, RolloutRequest(batch, doubled, [2, 1], 2, 0))
+        trainer.rollout_engine.generate(trainer.model, RolloutRequest(batch, doubled, [2, 1], 2, 0, images=parts[0],
+                                                                      prompts=parts[1]))
 
 
 def test_weights_follow_the_policy_after_an_update_and_stale_ones_fail(trainer):

@@ -114,13 +114,18 @@ def record_images(record: Record, size: int | None, max_pixels: int = DEFAULT_MA
             for image in record.load_images(max_pixels)]
 
 
+def prompt_parts(records: list[Record], cfg: Config) -> tuple[list[list[Image.Image]], list[str]]:
+    """Each record's images (decoded and sized as data.* says) and its question text."""
+    return ([record_images(record, cfg.data.image_size, cfg.data.max_image_pixels) for record in records],
+            [build_prompt(record, cfg.task) for record in records])
+
+
 def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: torch.device,
-                 max_prompt_length: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Model inputs for `records`, one prompt each (GRPO reuses a prompt's prefill for its group)."""
-    images, prompts = [], []
-    for record in records:
-        images.append(record_images(record, cfg.data.image_size, cfg.data.max_image_pixels))
-        prompts.append(build_prompt(record, cfg.task))
+                 max_prompt_length: int | None = None, parts: tuple[list[list[Image.Image]], list[str]] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Model inputs for `records`, one prompt each (GRPO reuses a prompt's prefill for its group);
+    `parts`: prompt_parts(records, cfg) where the caller already has them (decoded once)."""
+    images, prompts = parts if parts is not None else prompt_parts(records, cfg)
     inputs = build_model_inputs(processor, images, prompts, system=cfg.task.system_prompt)
     length = inputs["input_ids"].size(1)
     if max_prompt_length and length > max_prompt_length:

@@ -27,7 +27,7 @@ from visual_rft.rl.loss import Objective, loss_units, policy_loss, ratio_one_gra
 from visual_rft.rl.mismatch import correction_weights, mismatch_stats
 from visual_rft.rl.rollout import Rollout, eos_token_ids, lm_head_weight, repeat_inputs
 from visual_rft.runlog import PhaseTimer, RunLog
-from visual_rft.runtime import load_policy, load_split, prompt_batch
+from visual_rft.runtime import load_policy, load_split, prompt_batch, prompt_parts
 
 
 class GRPOTrainer:
@@ -87,12 +87,14 @@ class GRPOTrainer:
         """G completions of each record's prompt, from the rollout engine (grpo.rollout); `seed`: this
         micro-batch slot's (None: the global torch RNG decides)."""
         g = self.g.num_generations
+        parts = prompt_parts(batch, self.cfg)  # decoded once, for the processor and the rollout engine
         group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
-                                      max_prompt_length=self.g.max_prompt_length)
+                                      max_prompt_length=self.g.max_prompt_length, parts=parts)
         images_per_row = [len(record.images) for record in batch]
         pixel_rows = pixel_rows_per_prompt(self.processor, group)  # tiles per prompt where the family tiles
-        drawn = self.rollout_engine.generate(self.model, RolloutRequest(batch, group, images_per_row, g, seed,
-                                                                        pixel_rows=pixel_rows))
+        request = RolloutRequest(batch, group, images_per_row, g, seed, pixel_rows=pixel_rows, images=parts[0],
+                                 prompts=parts[1])
+        drawn = self.rollout_engine.generate(self.model, request)
         records = [r for r in batch for _ in range(g)]
         prompts = [p for p in prompts for _ in range(g)]
         repeated = repeat_inputs(group, g, images_per_row, pixel_rows)
@@ -145,7 +147,8 @@ class GRPOTrainer:
         corrected = self._correction(rollout)
         # dLoss/dlogp is known up front (ratio 1; a per-token correction depends on the token's own
         # log-prob only): the LM head's forward computes the gradients
-        if self.fast and rollout.old_logp is None and not self.g.vllm.correction.startswith("sequence"):
+        per_token = corrected is None or not self.g.vllm.correction.startswith("sequence")
+        if self.fast and rollout.old_logp is None and per_token:
             hint = ratio_one_grad_hint(rollout.advantages, rollout.ref_logp, mask, self.objective, normalizer,
                                        is_weights=corrected)
         rollout.paths.update(packed=packed, grad_hint=hint is not None and lm_head_weight(self.model) is not None)
@@ -237,7 +240,7 @@ class GRPOTrainer:
         micro = shard(indices, self.g.per_device_batch_size, self.accelerator.process_index,
                       self.accelerator.num_processes)
         self.model.eval()
-        if self.rollout_engine.name != "hf":  # the engine's own copy of the weights catches up with the policy
+        if self.rollout_engine.syncs_weights:  # the engine's own copy of the weights catches up with the policy
             with self.timer.phase("weight_sync"):
                 self.rollout_engine.sync(self.model)
         with self.timer.phase("rollout"):
@@ -247,6 +250,7 @@ class GRPOTrainer:
                 # depend on how many processes share the step, nor on where a run was resumed.
                 slot = m * self.accelerator.num_processes + self.accelerator.process_index
                 rollouts.append(self.sample([self.records[i] for i in batch], seed=slot_seed(self.g.seed, step, slot)))
+            self.rollout_engine.after_rollout()
         with self.timer.phase("reward"):
             for r in rollouts:
                 self.score(r)
@@ -276,10 +280,11 @@ class GRPOTrainer:
         device = self.accelerator.device
         means = self.accelerator.reduce(torch.tensor(list(values.values()), device=device), "mean").tolist()
         out = dict(zip(values, means))
-        for key, value in values.items():
-            if key.endswith(("_max", "_min")):
-                sign = 1.0 if key.endswith("_max") else -1.0
-                out[key] = sign * self.accelerator.reduce(torch.tensor(sign * value, device=device), "max").item()
+        signs = {key: 1.0 if key.endswith("_max") else -1.0 for key in values if key.endswith(("_max", "_min"))}
+        if signs:  # one max-reduce for all extremes: a minimum is the negated maximum of the negated values
+            signed = torch.tensor([sign * values[key] for key, sign in signs.items()], device=device)
+            reduced = self.accelerator.reduce(signed, "max").tolist()
+            out.update({key: sign * value for (key, sign), value in zip(signs.items(), reduced)})
         return out
 
     def _agreed_stop(self, stop: StopSignals) -> int:

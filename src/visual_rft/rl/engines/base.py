@@ -20,6 +20,9 @@ class RolloutRequest:
     group_size: int
     seed: int | None = None  # this micro-batch slot's sampling seed (None: from torch's global RNG)
     pixel_rows: list[int] | None = None  # each prompt's pixel_values entries where the family tiles
+    # what group_inputs were made from (runtime.prompt_parts), for engines that take raw prompts
+    images: list[list[Any]] | None = None  # each prompt's images, sized as the processor got them
+    prompts: list[str] | None = None  # each prompt's question text (before the chat template)
 
 
 @dataclass
@@ -40,9 +43,13 @@ class RolloutEngine(Protocol):
     """What the trainer needs from a rollout engine."""
 
     name: str
+    syncs_weights: bool  # holds its own copy of the weights: sync before each step's rollout
 
     def sync(self, model: Any) -> bool:
         """Bring the engine's weights up to the policy's before a rollout; True if weights moved."""
 
     def generate(self, model: Any, request: RolloutRequest) -> Generation:
         """Sample the request's completions (`model`: the training wrapper of the policy)."""
+
+    def after_rollout(self) -> None:
+        """The step's rollout is over (every micro-batch drawn): free what the update needs back."""

@@ -18,6 +18,7 @@ from visual_rft.rl.fast import default_sampler, generate_grouped, prefill_once_b
 
 class HFRolloutEngine:
     name = "hf"
+    syncs_weights = False  # the policy samples itself
 
     def __init__(self, g: GRPOConfig, training_engine: Any, tokenizer: Any, suppress_ids: list[int], *,
                  fast: bool, shortcut: Callable[[str, str | None], bool]) -> None:
@@ -26,7 +27,10 @@ class HFRolloutEngine:
         self.fast, self.shortcut = fast, shortcut
 
     def sync(self, model: Any) -> bool:
-        return False  # the policy samples itself
+        return False
+
+    def after_rollout(self) -> None:
+        """Nothing held between rollouts."""
 
     def generate(self, model: Any, request: RolloutRequest) -> Generation:
         g = request.group_size

@@ -25,8 +25,6 @@ from visual_rft.rl.engines.base import Generation, RolloutRequest
 from visual_rft.rl.engines.vllm_model_dir import serving_dir
 from visual_rft.rl.engines.weights import policy_weights
 from visual_rft.rl.rollout import completion_mask, decode_completions, eos_token_ids
-from visual_rft.runtime import record_images
-from visual_rft.tasks.prompts import build_prompt
 
 
 def _row_seed(seed: int, row: int) -> int:
@@ -53,6 +51,7 @@ def _repack_tied_heads(model: torch.nn.Module) -> int:
 
 class VLLMRolloutEngine:
     name = "vllm"
+    syncs_weights = True
 
     def __init__(self, cfg: Config, training_engine: Any, policy: Any, processor: Any, suppress_ids: list[int],
                  max_images: int = 1) -> None:
@@ -127,19 +126,19 @@ class VLLMRolloutEngine:
             self.asleep = False
         return True
 
-    def sleep(self) -> None:
-        """CUDA: free vLLM's weights and KV cache while the trainer updates (sync wakes it)."""
+    def after_rollout(self) -> None:
+        """CUDA: free vLLM's weights and KV cache while the trainer updates (the next sync wakes it).
+        Once per step, after every micro-batch's rollout: a sleeping engine cannot draw the next one."""
         if self.cuda and self.v.sleep and not self.asleep:
             self.llm.sleep(level=2)  # weights are resent by the next sync anyway
             self.asleep = True
 
     # ------------------------------------------------------------------ sampling
     def _prompts(self, request: RolloutRequest) -> list[dict[str, Any]]:
+        """The chat text and images the trainer's processor got (request.images / prompts), for vLLM to process."""
         prompts = []
-        for record in request.records:
-            images = record_images(record, self.cfg.data.image_size, self.cfg.data.max_image_pixels)
-            text = chat_text(self.processor, build_prompt(record, self.cfg.task), system=self.cfg.task.system_prompt,
-                             images=len(images))
+        for images, question in zip(request.images, request.prompts):
+            text = chat_text(self.processor, question, system=self.cfg.task.system_prompt, images=len(images))
             prompts.append({"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}})
         return prompts
 
@@ -164,7 +163,6 @@ class VLLMRolloutEngine:
         ids, logp = self._padded(samples)
         mask = completion_mask(ids, self.eos)
         texts = decode_completions(self.tokenizer, ids, mask)
-        self.sleep()
         return Generation(ids.to(self.device), mask.to(self.device), texts, sampler_logp=(logp * mask).to(self.device),
                           paths={"vllm": True})
 
