@@ -111,9 +111,9 @@ class _OffsetSampler:
         return Generation(drawn.ids, drawn.mask, drawn.texts, sampler_logp=(logp - self.offset) * drawn.mask)
 
 
-def _first_step(small_cfg, correction, tmp_path):
+def _first_step(small_cfg, correction, tmp_path, *extra):
     cfg = small_cfg("task.rewards=[toy_rewards:text_length]", "grpo.max_steps=1", "output.save_steps=0",
-                    f"output.dir={tmp_path / correction}",
+                    f"output.dir={tmp_path / (correction + ''.join(extra))}", *extra,
                     "grpo.beta=0", f"grpo.vllm.correction={correction}", "grpo.optim.max_grad_norm=1e9")
     trainer = GRPOTrainer(cfg, load_split(cfg, "train"), task_rewards(cfg.task))
     trainer.rollout_engine = _OffsetSampler(trainer, offset=0.5)
@@ -130,3 +130,12 @@ def test_the_trainer_weights_its_gradient_by_the_mismatch(small_cfg, one_thread,
     assert on["rollout/logp_diff_max"] == pytest.approx(0.5, abs=1e-5)
     assert on["rollout/is_weight_min"] == pytest.approx(E(0.5), rel=1e-5)
     assert off["rollout/is_weight_max"] == 1.0 and on["rollout/is_capped_frac"] == 0.0
+
+
+def test_the_configured_cap_is_the_one_applied(small_cfg, one_thread, tmp_path):
+    """grpo.vllm.correction_cap=1.2 under weights of e^0.5 = 1.65: every weight is truncated to 1.2,
+    the gradient is 1.2 times the uncorrected one and every token counts as capped."""
+    off = _first_step(small_cfg, "off", tmp_path)
+    capped = _first_step(small_cfg, "token_truncate", tmp_path, "grpo.vllm.correction_cap=1.2")
+    assert capped["grad_norm"] / off["grad_norm"] == pytest.approx(1.2, rel=1e-4)
+    assert capped["rollout/is_weight_max"] == pytest.approx(1.2) and capped["rollout/is_capped_frac"] == 1.0

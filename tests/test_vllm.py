@@ -50,9 +50,20 @@ def trainer(tmp_path_factory, tiny_model_dir, pairs_jsonl):
         f"model.name_or_path={tiny_model_dir}", f"data.train={pairs_jsonl}", "data.eval=null",
         f"output.dir={tmp_path_factory.mktemp('vllm') / 'run'}", "output.progress=false", "grpo.rollout=vllm",
         "grpo.num_generations=4", "grpo.per_device_batch_size=4", "grpo.max_completion_length=8",
+        "grpo.vllm.kv_cache_gib=0.5", "grpo.max_prompt_length=200",
         f"grpo.temperature={TEMPERATURE}", "grpo.beta=0", "grpo.optim.learning_rate=3e-2", "grpo.max_steps=2",
         "task.rewards=[toy_rewards:text_length]", "output.save_steps=0"])
     return GRPOTrainer(cfg, load_split(cfg, "train"), task_rewards(cfg.task))
+
+
+def test_the_engine_runs_with_the_configured_settings(trainer):
+    """The values vLLM actually runs with, read from its own config: the KV cache (a fractional GiB),
+    the context length (prompt + completion limits), the dtype and the processed log-probs."""
+    config = trainer.rollout_engine.llm.llm_engine.vllm_config
+    assert config.cache_config.kv_cache_memory_bytes == 2**29
+    assert config.model_config.max_model_len == 200 + 8
+    assert config.model_config.dtype == torch.float32
+    assert config.model_config.logprobs_mode == "processed_logprobs"
 
 
 def _rollout(trainer, seed=1):

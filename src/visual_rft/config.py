@@ -117,7 +117,7 @@ class VLLMConfig:
     and the correction of the mismatch between its log-probs and the trainer's."""
 
     gpu_memory_utilization: float = 0.3  # CUDA: fraction of the GPU vLLM may take (weights + KV cache); the rest trains
-    kv_cache_gib: float = 1.0  # CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE; vLLM's default reserves far more)
+    kv_cache_gib: float = 1.0  # CPU: KV-cache space in GiB (vLLM's kv_cache_memory_bytes; its default reserves far more)
     tensor_parallel_size: int = 1  # GPUs per engine (colocated: one engine per training process at 1)
     enforce_eager: Optional[bool] = None  # None = eager on CPU, CUDA graphs on GPU
     sleep: bool = True  # CUDA: free vLLM's weights and KV cache during the update (sleep mode), wake before the next rollout

@@ -79,8 +79,6 @@ class VLLMRolloutEngine:
     def _start(self, policy: Any, max_images: int) -> Any:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in this process (colocated)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        if not self.cuda:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.v.kv_cache_gib:g}")
         from vllm import LLM
 
         threads, dtype = torch.get_num_threads(), next(policy.parameters()).dtype
@@ -92,6 +90,8 @@ class VLLMRolloutEngine:
             limit_mm_per_prompt={"image": max_images, "video": 0}, logprobs_mode="processed_logprobs",
             gpu_memory_utilization=self.v.gpu_memory_utilization, tensor_parallel_size=self.v.tensor_parallel_size,
             enable_sleep_mode=self.cuda and self.v.sleep, disable_log_stats=True,
+            # CPU: the KV cache's size in bytes (a fractional GiB too; VLLM_CPU_KVCACHE_SPACE takes whole GiB only)
+            **({} if self.cuda else {"kv_cache_memory_bytes": int(self.v.kv_cache_gib * 2**30)}),
         )
         torch.set_num_threads(threads)  # vLLM lowers the process's torch threads for serving; training needs them
         if self.training_engine.accelerator.is_main_process:
