@@ -64,6 +64,8 @@ def test_the_engine_runs_with_the_configured_settings(trainer):
     assert config.model_config.max_model_len == 200 + 8
     assert config.model_config.dtype == torch.float32
     assert config.model_config.logprobs_mode == "processed_logprobs"
+    assert config.model_config.enforce_eager is True  # enforce_eager=None: eager on CPU
+    assert config.parallel_config.tensor_parallel_size == 1
 
 
 def _rollout(trainer, seed=1):
