@@ -197,6 +197,20 @@ class EvalConfig:
 
 
 @dataclass
+class ToolsConfig:
+    """Thinking with images: multi-turn rollouts in which the model calls image tools (tools/, issue 29).
+
+    Used by `train`, `sft` (trajectories from each record's `tool_calls` field), `eval` and `predict`."""
+
+    enabled: bool = False  # off: every rollout is one turn, as in Visual-RFT
+    names: list[str] = field(default_factory=lambda: ["crop", "zoom", "rotate", "flip", "contrast"])  # offered tools
+    max_turns: int = 3  # model turns per conversation; a tool call in the last one is cut off (truncated)
+    zoom_pixels: Optional[int] = None  # a zoom's output area in pixels (None = the area of the image zoomed into)
+    call_reward: float = 0.0  # weight of the per-call reward tool_calls_ok (share of calls that ran); 0 = off
+    think: str = "I look closer with a tool."  # sft: the reasoning written before each trajectory call
+
+
+@dataclass
 class OutputConfig:
     """Where a run writes and how often."""
 
@@ -267,6 +281,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # `visual-rft train`
     sft: SFTConfig = field(default_factory=SFTConfig)  # `visual-rft sft`
     eval: EvalConfig = field(default_factory=EvalConfig)  # `visual-rft eval` and evaluation during training
+    tools: ToolsConfig = field(default_factory=ToolsConfig)  # multi-turn image tools (train, sft, eval, predict)
     output: OutputConfig = field(default_factory=OutputConfig)  # where runs write
     demo: DemoConfig = field(default_factory=DemoConfig)  # `visual-rft demo`
     sweep: SweepConfig = field(default_factory=SweepConfig)  # `visual-rft sweep`
@@ -439,6 +454,7 @@ def validate(cfg: Config) -> None:
     if g.vllm.correction_cap < 1:
         raise ConfigError(f"grpo.vllm.correction_cap must be >= 1 (a weight cap below 1 down-weights every "
                           f"token), got {g.vllm.correction_cap}")
+    _validate_tools(cfg)
     weights = cfg.task.reward_weights
     if weights is not None and len(weights) != len(cfg.task.rewards):
         raise ConfigError(
@@ -452,6 +468,28 @@ def validate(cfg: Config) -> None:
     if cfg.output.report_to:
         from visual_rft.runlog import check_trackers  # imports accelerate: only when trackers are asked for
         check_trackers(cfg.output.report_to)
+
+
+def _validate_tools(cfg: Config) -> None:
+    t = cfg.tools
+    if not t.enabled:
+        return
+    from visual_rft.tools.registry import TOOLS  # the registry imports no config: no cycle
+
+    unknown = [n for n in t.names if n not in TOOLS]
+    if unknown or not t.names:
+        raise ConfigError(f"tools.names: unknown tool(s) {unknown}; available: {', '.join(TOOLS)}" if unknown
+                          else "tools.names is empty: list the tools the model may call")
+    if t.max_turns < 2:
+        raise ConfigError(f"tools.max_turns must be >= 2 (a call, then the answer after seeing its result), "
+                          f"got {t.max_turns}")
+    if t.zoom_pixels is not None and t.zoom_pixels < 64:
+        raise ConfigError(f"tools.zoom_pixels must be >= 64 pixels (or null), got {t.zoom_pixels}")
+    if t.call_reward < 0:
+        raise ConfigError(f"tools.call_reward must be >= 0, got {t.call_reward}")
+    if cfg.grpo.rollout == "vllm":
+        raise ConfigError("tools.enabled with grpo.rollout=vllm: multi-turn tool rollouts run on the hf engine "
+                          "only so far (README 'Thinking with images'); set grpo.rollout=hf")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -111,18 +111,30 @@ class RewardSet:
         return [sum(w * scores[name][i] for name, w in zip(self.names, self.weights)) for i in range(n)]
 
 
-def task_rewards(task: Any, names: list[str] | None = None) -> RewardSet:
-    """The rewards of a TaskConfig: task.rewards (or `names`), weighted, with its mode and thinking."""
-    weights = task.reward_weights if names is None else None
-    return resolve_rewards(task.name, list(names if names is not None else task.rewards), task.mode, weights,
-                           thinking=task.thinking)
+def task_rewards(task: Any, names: list[str] | None = None, tools: Any = None) -> RewardSet:
+    """The rewards of a TaskConfig: task.rewards (or `names`), weighted, with its mode and thinking.
+    With `tools` (a ToolsConfig that is enabled) completions are tool conversations: `format` is the
+    whole conversation's (tools/rewards.py) and tools.call_reward > 0 adds tool_calls_ok at that weight
+    (`names` given: every name given, tool_calls_ok included, at weight 1)."""
+    weights = (list(task.reward_weights) if task.reward_weights else None) if names is None else None
+    names = list(names if names is not None else task.rewards)
+    extra = None
+    if tools is not None and tools.enabled:
+        from visual_rft.tools.rewards import TOOL_REWARDS
+
+        extra = TOOL_REWARDS
+        if tools.call_reward > 0 and "tool_calls_ok" not in names:
+            weights = (weights or [1.0] * len(names)) + [tools.call_reward]
+            names.append("tool_calls_ok")
+    return resolve_rewards(task.name, names, task.mode, weights, thinking=task.thinking, extra=extra)
 
 
 def resolve_rewards(task: str, names: list[str], mode: str, weights: list[float] | None = None, *,
-                    thinking: str = "on") -> RewardSet:
+                    thinking: str = "on", extra: dict[str, RewardFn] | None = None) -> RewardSet:
     """Look up each name in the task's registry (or import `module:function`); fail early on unknowns.
-    `mode` (and `thinking`, on / off) is bound into every function that takes it."""
-    registry: dict[str, RewardFn] = task_module(task).REWARDS
+    `mode` (and `thinking`, on / off) is bound into every function that takes it. `extra`: rewards
+    that replace or join the task's own under their names (tool conversations)."""
+    registry: dict[str, RewardFn] = {**task_module(task).REWARDS, **(extra or {})}
     functions = []
     for name in names:
         if ":" in name:

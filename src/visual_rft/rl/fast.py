@@ -24,7 +24,7 @@ from visual_rft.engine import unwrap_model
 from visual_rft.models.families import family, fast_paths, uses_mrope
 from visual_rft.rl.lm_head import head_logprobs
 from visual_rft.rl.rollout import (Rollout, completion_logprobs, completion_mask, decode_completions, eos_token_ids,
-                                   generate, lm_head_weight, repeat_cache, repeat_inputs)
+                                   generate, lm_head_weight, repeat_cache, repeat_inputs, tail_logprobs)
 
 _ROPE_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -260,6 +260,8 @@ def packing_pays(model: Any, prompt_len: int, completion_len: int, group_size: i
 
 def packing_blocker(model: Any, rollout: Rollout) -> str | None:
     """Why a group cannot be scored as one packed row (None: it can, and it saves compute)."""
+    if rollout.sequence_inputs is not None:
+        return "tool conversations differ per sample (own turns and tool images): one row per conversation"
     # e.g. no packing with recurrent layers: completions would share their state
     paths = fast_paths(unwrap_model(model).config)
     if not paths.packed_scoring:
@@ -393,6 +395,9 @@ def rollout_logprobs(model: Any, rollout: Rollout, *, fast: bool = True, grad_hi
     group when possible, else one row per completion; `fast=False` (grpo.fast=off) always takes the
     plain forward and the model's own logits. `grad_hint` (see loss.ratio_one_grad_hint) only saves
     work, wherever the chunked LM head runs."""
+    if rollout.sequence_inputs is not None:  # multi-turn: the whole conversations, one row each
+        return tail_logprobs(model, rollout.sequence_inputs, rollout.completion_ids, temperature=rollout.temperature,
+                             chunked_head=fast, grad_hint=grad_hint)
     if fast and can_pack(model, rollout):
         return group_logprobs(model, rollout.group_inputs, rollout.group_size, rollout.completion_ids,
                               rollout.completion_mask, temperature=rollout.temperature, grad_hint=grad_hint)

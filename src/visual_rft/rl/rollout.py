@@ -47,6 +47,11 @@ class Rollout:
     # The rollout engine's own log-probs of the sampled tokens [N, T] where it is not the policy itself
     # (vLLM): the engine mismatch is measured and corrected against them (rl/mismatch.py).
     sampler_logp: torch.Tensor | None = None
+    # Multi-turn tool rollouts (rl/tool_rollout.py): each row's whole conversation, left-padded, with the
+    # tool images of every turn; its last T tokens are completion_ids, and completion_mask is 1 only on
+    # the tokens the model generated among them. None: one-turn rollouts, scored as prompt + completion.
+    sequence_inputs: dict[str, torch.Tensor] | None = None
+    conversations: list[Any] | None = None  # the tool_rollout.ToolConversation of each row
 
     def train_mask(self) -> torch.Tensor:
         return self.completion_mask if self.loss_mask is None else self.loss_mask
@@ -220,20 +225,29 @@ def lm_head_weight(model: Any) -> torch.Tensor | None:
 def completion_logprobs(model: Any, prompt_inputs: dict[str, torch.Tensor], completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, temperature: float = 1.0,
                         chunked_head: bool = True, grad_hint=None) -> torch.Tensor:
-    """log softmax(logits / temperature)[completion token] under `model` [N, T], completion positions only.
+    """log softmax(logits / temperature)[completion token] under `model` [N, T], completion positions only
+    (prompt + completion as one batch, see tail_logprobs)."""
+    batch = scoring_inputs(prompt_inputs, completion_ids, completion_mask)
+    return tail_logprobs(model, batch, completion_ids, temperature=temperature, chunked_head=chunked_head,
+                         grad_hint=grad_hint)
+
+
+def tail_logprobs(model: Any, batch: dict[str, torch.Tensor], tail_ids: torch.Tensor, *, temperature: float = 1.0,
+                  chunked_head: bool = True, grad_hint=None) -> torch.Tensor:
+    """log softmax(logits / temperature) of each row's last T tokens [N, T] (T = tail_ids.size(1), which
+    are `batch["input_ids"][:, -T:]`), from one forward of the whole batch.
 
     The forward goes through `model` itself (so DDP and PEFT see it). With `chunked_head` it returns
     the final hidden states and the LM head runs in row chunks (head_logprobs), so the [N, T, vocab]
     logits never exist; heads that are not a plain Linear (e.g. LoRA on lm_head), and
     chunked_head=False (grpo.fast=off), take the model's own logits. grad_hint: see head_logprobs.
     """
-    batch = scoring_inputs(prompt_inputs, completion_ids, completion_mask)
-    length = completion_ids.size(1)
+    length = tail_ids.size(1)
     weight = lm_head_weight(model) if chunked_head else None
     if weight is None:
-        # The logits at position t predict token t+1, so the last T+1 positions cover every completion token.
+        # The logits at position t predict token t+1, so the last T+1 positions cover every tail token.
         logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
-        return token_logprobs(logits, completion_ids, temperature=temperature)
+        return token_logprobs(logits, tail_ids, temperature=temperature)
     out = model(**batch, logits_to_keep=1, use_cache=False, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, -(length + 1):-1]  # the final (normed) hidden states
-    return head_logprobs(hidden, weight, completion_ids, temperature=temperature, grad_hint=grad_hint)
+    return head_logprobs(hidden, weight, tail_ids, temperature=temperature, grad_hint=grad_hint)

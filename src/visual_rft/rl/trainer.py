@@ -26,6 +26,8 @@ from visual_rft.rl.fast import packing_blocker, rollout_logprobs
 from visual_rft.rl.loss import Objective, loss_units, policy_loss, ratio_one_grad_hint
 from visual_rft.rl.mismatch import correction_weights, mismatch_stats
 from visual_rft.rl.rollout import Rollout, eos_token_ids, lm_head_weight, repeat_inputs
+from visual_rft.rl.tool_rollout import (ToolRunner, conversation_rollout, run_conversations, summarize_tool_columns,
+                                        tool_columns, tool_metric_columns, turn_seed)
 from visual_rft.runlog import PhaseTimer, RunLog
 from visual_rft.runtime import load_policy, load_split, prompt_batch, prompt_parts
 
@@ -77,6 +79,9 @@ class GRPOTrainer:
         self.rollout_engine = make_rollout_engine(cfg, self.engine, self.policy, self.processor, self.suppress,
                                                   fast=self.fast, shortcut=self._shortcut,
                                                   max_images=max((len(r.images) for r in records), default=1))
+        self.tools = ToolRunner.from_config(cfg, self.processor) if cfg.tools.enabled else None
+        # dr_grpo's constant length: every turn of a tool conversation may use the per-turn limit
+        self.max_tokens = self.g.max_completion_length * (cfg.tools.max_turns if self.tools else 1)
 
     @property
     def policy(self) -> Any:
@@ -85,7 +90,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ phases
     def sample(self, batch: list[Record], seed: int | None = None) -> Rollout:
         """G completions of each record's prompt, from the rollout engine (grpo.rollout); `seed`: this
-        micro-batch slot's (None: the global torch RNG decides)."""
+        micro-batch slot's (None: the global torch RNG decides). With tools: whole conversations."""
+        if self.tools is not None:
+            return self.sample_conversations(batch, seed)
         g = self.g.num_generations
         parts = prompt_parts(batch, self.cfg)  # decoded once, for the processor and the rollout engine
         group, prompts = prompt_batch(batch, self.cfg, self.processor, self.accelerator.device,
@@ -105,8 +112,34 @@ class GRPOTrainer:
         rollout.paths = dict(drawn.paths)
         return rollout
 
+    def sample_conversations(self, batch: list[Record], seed: int | None) -> Rollout:
+        """G tool conversations per record (rl/tool_rollout.py), each turn drawn by the rollout engine."""
+        images, prompts = prompt_parts(batch, self.cfg)
+        paths: dict[str, bool] = {}
+
+        def draw(inputs, images_per_row, group_size, turn, prompt_rows):
+            if turn == 0 and inputs["input_ids"].size(1) > self.g.max_prompt_length:
+                raise ValueError(f"prompt of {inputs['input_ids'].size(1)} tokens (the tools' system text included) "
+                                 f"exceeds grpo.max_prompt_length={self.g.max_prompt_length}")
+            request = RolloutRequest([batch[i] for i in prompt_rows], inputs, images_per_row, group_size,
+                                     turn_seed(seed, turn), pixel_rows=pixel_rows_per_prompt(self.processor, inputs))
+            drawn = self.rollout_engine.generate(self.model, request)
+            if turn == 0:
+                paths.update(drawn.paths)
+            return drawn
+
+        conversations = run_conversations(self.tools, self.processor, images, prompts, self.g.num_generations, draw,
+                                          self.eos.tolist(), device=self.accelerator.device)
+        rollout = conversation_rollout(batch, prompts, conversations, group_size=self.g.num_generations,
+                                       temperature=self.g.temperature, device=self.accelerator.device)
+        rollout.paths = paths
+        return rollout
+
     def score(self, rollout: Rollout) -> None:
-        scored = self.rewards.score_all(rollout.completions, columns_of(rollout.records))
+        columns = columns_of(rollout.records)
+        if rollout.conversations is not None:
+            columns.update(tool_columns(rollout.conversations))
+        scored = self.rewards.score_all(rollout.completions, columns)
         rollout.scores, rollout.scorable = scored.components, torch.tensor(scored.applicable)
         rollout.parse_failed = torch.tensor(scored.parse_failed)
         rollout.rewards = torch.tensor(self.rewards.total(scored.components), dtype=torch.float32)
@@ -196,7 +229,7 @@ class GRPOTrainer:
         """What each micro-batch's loss is divided by: the step's loss units (completions, or tokens
         for dapo) over all micro-batches and processes, per micro-batch and process, so that the
         micro-batches' averaged gradients equal those of one batch holding the whole step."""
-        units = sum(loss_units(r.train_mask(), self.g.loss_type, self.g.max_completion_length).cpu() for r in rollouts)
+        units = sum(loss_units(r.train_mask(), self.g.loss_type, self.max_tokens).cpu() for r in rollouts)
         total = self.accelerator.reduce(torch.as_tensor(units, dtype=torch.float32, device=self.accelerator.device),
                                         "sum")
         return total / (len(rollouts) * self.accelerator.num_processes)
@@ -321,6 +354,9 @@ class GRPOTrainer:
             columns["zero_variance_group"].append(r.zero_variance.float().repeat_interleave(r.group_size))
             for name in self.rewards.names:
                 columns[f"reward/{name}"].append(torch.tensor(r.scores[name]))
+        if self.tools is not None:
+            for key, values in tool_metric_columns([c for r in rollouts for c in r.conversations]).items():
+                columns[key] = [values]
         local = torch.stack([torch.cat(v) for v in columns.values()], dim=1)
         table = dict(zip(columns, self.accelerator.gather(local.to(self.accelerator.device)).cpu().unbind(1)))
         total = table["total"]
@@ -334,6 +370,7 @@ class GRPOTrainer:
         out["completion_length"] = table["length"].mean().item()
         out["unscorable_frac"] = table["unscorable"].mean().item()
         out["truncated_frac"] = table["truncated"].mean().item()
+        out.update(summarize_tool_columns({k: v for k, v in table.items() if k.startswith("tool/")}))
         out["frac_reward_zero_std"] = table["zero_variance_group"].mean().item()  # TRL's name; per group
         last = updates[-1]
         out.update(self._reduce_over_processes(last))  # averaged over processes, like the gradients
@@ -365,13 +402,15 @@ def _rollout_rows(rollout: Rollout, names: list[str]) -> list[dict[str, Any]]:
         rows.append({"source": record.source, "prompt": rollout.prompts[i], "solution": record.solution,
                      "completion": text, "advantage": round(float(rollout.advantages[i]), 4),
                      **{name: rollout.scores[name][i] for name in names}})
+        if rollout.conversations is not None:  # every turn and the tool's answer to it
+            rows[-1]["turns"] = rollout.conversations[i].rows()
     return rows
 
 
 def train_grpo(cfg: Config, *, resume: bool = False) -> Path:
     """Validate everything cheap first (rewards, data), then load models and train (evaluating on
     data.eval as eval.steps says)."""
-    rewards = task_rewards(cfg.task)
+    rewards = task_rewards(cfg.task, tools=cfg.tools)
     records = load_split(cfg, "train")
     evaluator = TrainingEval.from_config(cfg)
     trainer = GRPOTrainer(cfg, records, rewards, resume=resume)

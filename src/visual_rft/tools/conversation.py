@@ -158,6 +158,15 @@ class Conversation:
                 messages.append(tool_result_message(text, image is not None))
         return messages
 
+    def prompt_length(self) -> int:
+        """Tokens of the prompt (the first segment), before the model's first turn."""
+        return self._segments[0].tokens["input_ids"].numel()
+
+    @property
+    def tool_images(self) -> list[Image.Image]:
+        """The images the tools produced, in order (the prompt's own images excluded)."""
+        return self.images[self._prompt_images:]
+
     def input_ids(self) -> torch.Tensor:
         """The whole conversation's ids [L]."""
         return torch.cat([s.tokens["input_ids"] for s in self._segments])

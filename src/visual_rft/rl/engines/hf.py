@@ -34,7 +34,9 @@ class HFRolloutEngine:
 
     def generate(self, model: Any, request: RolloutRequest) -> Generation:
         g = request.group_size
-        prefill = self.fast and self.shortcut("prefill_once", prefill_once_blocker(model, request.group_inputs, g))
+        # groups of one (a tool conversation's later turns) have nothing to share: no shortcut to explain
+        prefill = self.fast and g > 1 and self.shortcut("prefill_once",
+                                                        prefill_once_blocker(model, request.group_inputs, g))
         device = request.group_inputs["input_ids"].device
         sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(device)
         if request.seed is not None:
