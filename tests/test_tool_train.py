@@ -1,0 +1,109 @@
+"""GRPO with tools (issue 29): a trainer step over scripted tool calls (the conversation rewards, the
+metrics, the gradient of exactly the tokens the model wrote), and `visual-rft train` with tools on the
+embedded tool task from the command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from visual_rft.config import ConfigError, load_config
+from visual_rft.rewards import task_rewards
+from visual_rft.rl.engines.base import Generation
+from visual_rft.rl.trainer import GRPOTrainer
+from visual_rft.runtime import load_split
+
+CALL = '<think>turned</think><tool_call>\n{"name": "rotate", "arguments": {"angle": 90}}\n</tool_call>'
+
+
+class ScriptedEngine:
+    """First turn: even samples call rotate, odd ones answer with the record's own label; later turns
+    answer with the label (so rewards differ only by format within a group, never at random)."""
+
+    name, syncs_weights = "scripted", False
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.end = tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.requests = []
+
+    def sync(self, model):
+        return False
+
+    def after_rollout(self):
+        pass
+
+    def generate(self, model, request):
+        self.requests.append(request)
+        texts = []
+        for record in request.records:
+            answer = f"<think>a digit</think><answer>{record.fields['label']}</answer>"
+            texts += [CALL if j % 2 == 0 else answer for j in range(request.group_size)] if request.group_size > 1 \
+                else [answer]
+        rows = [self.tokenizer.encode(t, add_special_tokens=False) + [self.end] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        return Generation(ids, mask, texts)
+
+
+@pytest.fixture
+def tool_cfg(tiny_model_dir, tmp_path):
+    def make(*overrides):
+        return load_config("configs/demo.yaml", [
+            f"model.name_or_path={tiny_model_dir}", "data.train=embedded:mnist_rotated", "data.limit=20",
+            "data.image_size=null", "tools.enabled=true", "tools.names=[rotate]", f"output.dir={tmp_path / 'run'}",
+            "output.progress=false", "grpo.num_generations=4", "grpo.per_device_batch_size=2",
+            "grpo.max_completion_length=8", "grpo.max_steps=1", "output.sample_steps=1", *overrides])
+    return make
+
+
+def test_a_step_over_tool_calls_scores_whole_conversations(tool_cfg, one_thread):
+    cfg = tool_cfg("tools.call_reward=0.5")
+    trainer = GRPOTrainer(cfg, load_split(cfg, "train"), task_rewards(cfg.task, tools=cfg.tools))
+    trainer.rollout_engine = ScriptedEngine(trainer.processor.tokenizer)
+    metrics, rollouts = trainer.train_step(0)
+    # 2 prompts x 4 samples; samples 0 and 2 call rotate, then answer: 3 turns in 2 conversations of 4
+    assert metrics["tool/call_rate"] == 0.5 and metrics["tool/turns_mean"] == 1.5
+    assert metrics["tool/call_error_rate"] == 0.0 and metrics["truncated_frac"] == 0.0
+    assert metrics["reward/accuracy_mean"] == 1.0 and metrics["reward/format_mean"] == 1.0
+    assert metrics["reward/tool_calls_ok_mean"] == 0.5  # the calls pay 0.5 x 1; direct answers 0
+    requests = trainer.rollout_engine.requests
+    assert [r.group_size for r in requests] == [4, 1] and requests[1].images_per_row == [2, 2, 2, 2]
+    assert [len(r.records) for r in requests] == [2, 4]
+    rollout = rollouts[0]
+    # advantages: a call's conversation (reward 2.5) above a direct answer (2.0) in every group
+    assert (rollout.advantages.view(2, 4)[:, 0::2] > 0).all() and (rollout.advantages.view(2, 4)[:, 1::2] < 0).all()
+    generated = [sum(len(ids) for ids in c.conversation.turns) for c in rollout.conversations]
+    assert rollout.completion_mask.sum(1).tolist() == generated
+    assert metrics["completion_length"] == sum(generated) / 8
+    assert metrics["grad_norm"] > 0
+
+
+def test_tool_runs_refuse_what_they_cannot_do(tool_cfg):
+    with pytest.raises(ConfigError, match="tools.max_turns must be >= 2"):
+        tool_cfg("tools.max_turns=1")
+    with pytest.raises(ConfigError, match=r"unknown tool\(s\) \['magnify'\]"):
+        tool_cfg("tools.names=[rotate,magnify]")
+
+
+def test_train_with_tools_from_the_command_line(tool_cfg, tiny_model_dir, tmp_path):
+    out = tmp_path / "cli"
+    args = ["configs/demo.yaml", f"model.name_or_path={tiny_model_dir}", "data.train=embedded:mnist_rotated",
+            "data.limit=8", "data.image_size=null", "tools.enabled=true", "tools.names=[rotate]",
+            f"output.dir={out}", "output.progress=false", "grpo.num_generations=2", "grpo.per_device_batch_size=2",
+            "grpo.max_completion_length=6", "grpo.max_steps=2", "output.sample_steps=1"]
+    done = subprocess.run([sys.executable, "-m", "visual_rft.cli", "train", *args], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["tool/turns_mean"] >= 1.0 and "reward/format_mean" in m for m in metrics)
+    samples = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert samples and all(len(s["turns"]) >= 1 and s["turns"][-1]["text"] == s["completion"] for s in samples)
+    assert "tool conversations differ per sample" in done.stderr  # the packed shortcut's fallback, said once
+    saved = load_config(out / "config.yaml")
+    assert saved.tools.enabled and saved.tools.names == ["rotate"]
