@@ -2,6 +2,7 @@
 metrics, the gradient of exactly the tokens the model wrote), and `visual-rft train` with tools on the
 embedded tool task from the command line."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -33,6 +34,9 @@ class ScriptedEngine:
 
     def after_rollout(self):
         pass
+
+    def hold(self, model):
+        return contextlib.nullcontext()
 
     def generate(self, model, request):
         self.requests.append(request)

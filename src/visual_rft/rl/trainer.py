@@ -128,8 +128,9 @@ class GRPOTrainer:
                 paths.update(drawn.paths)
             return drawn
 
-        conversations = run_conversations(self.tools, self.processor, images, prompts, self.g.num_generations, draw,
-                                          self.eos.tolist(), device=self.accelerator.device)
+        with self.rollout_engine.hold(self.model):  # processes run different numbers of turns
+            conversations = run_conversations(self.tools, self.processor, images, prompts, self.g.num_generations,
+                                              draw, self.eos.tolist(), device=self.accelerator.device)
         rollout = conversation_rollout(batch, prompts, conversations, group_size=self.g.num_generations,
                                        temperature=self.g.temperature, device=self.accelerator.device)
         rollout.paths = paths

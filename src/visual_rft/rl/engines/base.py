@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 
@@ -53,3 +53,8 @@ class RolloutEngine(Protocol):
 
     def after_rollout(self) -> None:
         """The step's rollout is over (every micro-batch drawn): free what the update needs back."""
+
+    def hold(self, model: Any) -> ContextManager[None]:
+        """Keep what generation needs (e.g. ZeRO-3's gathered weights) across the generate calls inside
+        the block: a tool conversation's turns, whose number differs between processes, so no call
+        inside may be a collective."""

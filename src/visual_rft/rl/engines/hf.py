@@ -6,7 +6,8 @@ weights are always current (nothing to sync) and the trainer's log-probs are the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,9 +26,21 @@ class HFRolloutEngine:
         """`shortcut(name, blocker)`: the trainer's check that says once why a shortcut is off."""
         self.g, self.training_engine, self.tokenizer, self.suppress = g, training_engine, tokenizer, suppress_ids
         self.fast, self.shortcut = fast, shortcut
+        self._held: Any = None  # the policy with whole weights while hold() is open
 
     def sync(self, model: Any) -> bool:
         return False
+
+    @contextlib.contextmanager
+    def hold(self, model: Any) -> Iterator[None]:
+        """Gather the weights once for the whole block (ZeRO-3 / FSDP-1: a collective every process must
+        enter equally often); generate inside it samples from the held policy, gathering nothing."""
+        with self.training_engine.generation_weights(model) as policy:
+            self._held = policy
+            try:
+                yield
+            finally:
+                self._held = None
 
     def after_rollout(self) -> None:
         """Nothing held between rollouts."""
@@ -41,7 +54,8 @@ class HFRolloutEngine:
         sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(device)
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        with self.training_engine.generation_weights(model) as policy:  # ZeRO-3 / FSDP: gather once
+        held = contextlib.nullcontext(self._held) if self._held is not None else None
+        with held or self.training_engine.generation_weights(model) as policy:  # ZeRO-3 / FSDP: gather once
             ids, mask, texts = generate_grouped(
                 policy, self.tokenizer, request.group_inputs, g, max_new_tokens=self.g.max_completion_length,
                 temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,

@@ -11,6 +11,8 @@ the old weights. Log-probs are vLLM's processed ones: those of the distribution 
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import os
 import sys
@@ -125,6 +127,10 @@ class VLLMRolloutEngine:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         return True
+
+    def hold(self, model: Any) -> contextlib.AbstractContextManager[None]:
+        """Nothing to hold: the engine has its own weights (synced before the rollout)."""
+        return contextlib.nullcontext()
 
     def after_rollout(self) -> None:
         """CUDA: free vLLM's weights and KV cache while the trainer updates (the next sync wakes it).
