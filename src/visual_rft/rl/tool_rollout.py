@@ -21,10 +21,12 @@ from PIL import Image
 
 from visual_rft.config import Config
 from visual_rft.data.record import Record
+from visual_rft.data.targets import qwen_input_size
 from visual_rft.rl.engines.base import Generation
 from visual_rft.rl.rollout import Rollout
 from visual_rft.tools.calls import ErrorKind, Turn, TurnKind, classify_turn
 from visual_rft.tools.conversation import Conversation, batch_inputs
+from visual_rft.runtime import resolve_box_space
 from visual_rft.tools.registry import ToolSettings, ToolSpec, respond, select_tools, tools_prompt
 
 # draw(inputs, images_per_row, group_size, turn, prompt_rows) -> one turn of every input row; prompt_rows[i]
@@ -80,8 +82,6 @@ class ToolRunner:
 
     @classmethod
     def from_config(cls, cfg: Config, processor: Any) -> "ToolRunner":
-        from visual_rft.runtime import resolve_box_space  # runtime imports the trainer's modules
-
         tools = select_tools(cfg.tools.names)
         space = resolve_box_space(cfg)
         listing = tools_prompt(tools, space)
@@ -109,8 +109,6 @@ def _frame(processor: Any, space: str) -> Callable[[Image.Image], tuple[float, f
     low, high = getattr(image_processor, "min_pixels", None), getattr(image_processor, "max_pixels", None)
     if space != "pixels" or low is None or high is None:
         return None
-    from visual_rft.data.targets import qwen_input_size
-
     return lambda image: qwen_input_size(*image.size, min_pixels=low, max_pixels=high)
 
 
