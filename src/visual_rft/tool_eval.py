@@ -75,30 +75,39 @@ def conversation_rows(conversations: Sequence[ToolConversation], records: Sequen
     rows = []
     for i, (conv, record, text) in enumerate(zip(conversations, records, texts)):
         parsed = rewards.parse(text, **record.columns())
+        save = None if image_dir is None else _saver(image_dir, f"{TOOL_IMAGES}/{first_row + i}")
         rows.append({"source": record.source, "solution": record.solution, "completion": text,
                      "prediction": _jsonable(parsed), "parse_failed": scored.parse_failed[i],
-                     "label": record.fields.get("label"),
-                     "completion_tokens": sum(t.tokens for t in conv.turns),  # every turn the model wrote
-                     "turns": turn_rows(conv, first_row + i, image_dir), "tool_calls": len(conv.calls),
-                     "truncated": conv.truncated, **{name: scored.components[name][i] for name in rewards.names}})
+                     "label": record.fields.get("label"), "completion_tokens": conversation_tokens(conv),
+                     **conversation_fields(conv, save),
+                     **{name: scored.components[name][i] for name in rewards.names}})
     return rows
 
 
-def turn_rows(conv: ToolConversation, row: int, image_dir: Path | None) -> list[dict[str, Any]]:
-    """The conversation's turns as dicts; a call's turn names the image its tool made (`image`, a path
-    relative to image_dir) when there is a folder and the tool returned an image."""
-    out, results = [], iter(conv.conversation.results)
-    made = 0
+def conversation_tokens(conv: ToolConversation) -> int:
+    """Tokens the model generated over all its turns (end tokens included)."""
+    return sum(t.tokens for t in conv.turns)
+
+
+def conversation_fields(conv: ToolConversation, save: Callable[[Any, int], str] | None) -> dict[str, Any]:
+    """`turns` (every turn as a dict), `tool_calls` (how many calls the tools answered), `truncated`.
+    A call's turn names the image its tool made (`image`: what `save(image, k)` returns for the k-th
+    image of the conversation) when there is a `save` and the tool returned an image."""
+    turns, results, made = [], iter(conv.conversation.results), 0
     for turn in conv.turns:
         entry = {**turn.row(), "tokens": turn.tokens, "well_formed": turn.well_formed}
         if turn.result is not None:
             image, _ = next(results)
             if image is not None:
                 made += 1
-                if image_dir is not None:
-                    entry["image"] = save_png(image, image_dir, f"{TOOL_IMAGES}/{row}-{made}.png")
-        out.append(entry)
-    return out
+                if save is not None:
+                    entry["image"] = save(image, made)
+        turns.append(entry)
+    return {"turns": turns, "tool_calls": len(conv.calls), "truncated": conv.truncated}
+
+
+def _saver(folder: Path, stem: str) -> Callable[[Any, int], str]:
+    return lambda image, k: save_png(image, folder, f"{stem}-{k}.png")
 
 
 def save_png(image: Any, folder: Path, name: str) -> str:
@@ -109,6 +118,33 @@ def save_png(image: Any, folder: Path, name: str) -> str:
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return name
+
+
+def predict_draw(model: Any, processor: Any, cfg: Config, *, temperature: float, max_new_tokens: int,
+                 suppress: list[int]) -> Draw:
+    """`visual-rft predict`'s turn: a group of samples as GRPO draws them (rl/fast.generate_grouped)
+    at the first turn, one per live conversation after it."""
+    from visual_rft.models.loading import pixel_rows_per_prompt
+    from visual_rft.rl.fast import generate_grouped
+
+    def sample(inputs: dict[str, torch.Tensor], group_size: int, images_per_row: list[int]):
+        return generate_grouped(model, processor.tokenizer, inputs, group_size, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
+                                suppress_ids=suppress, images_per_row=images_per_row,
+                                pixel_rows=pixel_rows_per_prompt(processor, inputs))
+
+    return sampling_draw(sample)
+
+
+def sample_rows(conversations: Sequence[ToolConversation], image_dir: Path | None) -> list[dict[str, Any]]:
+    """`visual-rft predict`'s view of each sample's conversation; tool images written to
+    image_dir/<sample>-<k>.png (sample from 1), each turn naming its file's path."""
+    rows = []
+    for i, conv in enumerate(conversations, start=1):
+        save = None if image_dir is None else (lambda image, k, i=i: str(image_dir / save_png(image, image_dir,
+                                                                                                f"{i}-{k}.png")))
+        rows.append({"tokens": conversation_tokens(conv), **conversation_fields(conv, save)})
+    return rows
 
 
 # ------------------------------------------------------------------------------------ metrics
