@@ -147,12 +147,12 @@ def predict_image(spec: str, image: str | list[str], *, question: str | None = N
     record = _image_record(images, cfg, solution, parse_fields(fields or []))
     temperature, max_new_tokens = _sample_settings(cfg, samples, temperature, max_new_tokens)
     out_path = Path(out) if out else (Path(f"{Path(images[0]).stem}.boxes.png") if cfg.task.name in BOX_TASKS else None)
+    folder = _tool_folder(cfg, tool_images, images[0])
     device = make_accelerator(cfg).device
     model, processor = load_source(source, cfg, device)
     suppress = vision_token_ids(processor, getattr(model, "config", None))
     torch.manual_seed(seed)
     if cfg.tools.enabled:
-        folder = Path(tool_images) if tool_images else Path(f"{Path(images[0]).stem}.tools")
         prompt, rows, texts, columns = _converse(model, processor, record, cfg, device, samples, temperature,
                                                  max_new_tokens, suppress, folder)
     else:
@@ -181,9 +181,21 @@ def predict_image(spec: str, image: str | list[str], *, question: str | None = N
     return result
 
 
+def _tool_folder(cfg: Config, tool_images: str | None, image: str) -> Path | None:
+    """Where the tools' images go (checked before the model loads); None without tools."""
+    if not cfg.tools.enabled:
+        if tool_images:
+            raise ValueError("--tool-images saves the images tools make: it needs tools.enabled=true")
+        return None
+    folder = Path(tool_images) if tool_images else Path(f"{Path(image).stem}.tools")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--tool-images {folder} is a file, not a folder")
+    return folder
+
+
 def _converse(model: Any, processor: Any, record: Record, cfg: Config, device: torch.device, samples: int,
               temperature: float, max_new_tokens: int, suppress: list[int],
-              folder: Path) -> tuple[str, list[dict[str, Any]], list[str], dict[str, list[Any]]]:
+              folder: Path | None) -> tuple[str, list[dict[str, Any]], list[str], dict[str, list[Any]]]:
     """tools.enabled: each sample is a tool conversation (tool_eval.py), `max_new_tokens` per turn;
     the tools' images go to `folder` as <sample>-<k>.png. Returns the question, each
     sample's turns, its final turn (what is parsed and scored) and the reward columns of its turns."""
