@@ -244,7 +244,8 @@ def _turn_lines(turns: list[dict[str, Any]], truncated: bool) -> list[str]:
     for k, turn in enumerate(turns, start=1):
         lines.append(f"    turn {k}: {turn['text']!r}")
         if turn.get("result") is not None:
-            what = f"error {turn['error']}" if turn.get("error") else f"{turn['call']['name']} {turn['call']['arguments']}"
+            call = turn.get("call") or {}
+            what = f"error {turn['error']}" if turn.get("error") else f"{call.get('name')} {call.get('arguments')}"
             lines.append(f"      tool {what} -> {turn['result']!r}")
         if turn.get("image"):
             lines.append(f"      tool image: {turn['image']}")

@@ -185,8 +185,9 @@ def group_html(meta: str, image_uri: str | None, prompt: Any, solution: Any,
         swatch = f'<span class="swatch" style="background:{esc(c.color)}"></span>' if c.color else ""
         badge = f'<span class="badge">{esc(c.failed)}</span>' if c.failed else ""
         cells = "".join(_cell(c.scores.get(col)) for col in columns)
+        text = turns_html(c.turns) if c.turns else f"<pre>{clip(c.text)}</pre>"
         rows.append(f'<tr class="{"parse-fail" if c.failed else "parsed"}"><td>{swatch}{i + 1}{badge}</td>'
-                    f'<td class="text">{turns_html(c.turns) if c.turns else f"<pre>{clip(c.text)}</pre>"}</td>{cells}</tr>')
+                    f'<td class="text">{text}</td>{cells}</tr>')
     prompt_html = (f"<details><summary>prompt</summary><pre>{clip(squeeze_prompt(prompt))}</pre></details>"
                    if prompt else "")
     return (f'<div class="group" data-step="{esc(step)}"><div class="thumb">{thumb}</div><div class="texts">'
