@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG with the boxes drawn (detection/grounding; default IMAGE_STEM.boxes.png)")
     p.add_argument("--config", help="config YAML for a model that is not a run (default: the run's config.yaml)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--tool-images", help="with tools.enabled: folder for the images the tools make "
+                                         "(default: IMAGE_STEM.tools/)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("export", help="a run or checkpoint as a plain Hugging Face model directory (LoRA merged)")
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> object:
         result = predict_image(args.model, images, question=args.question, task=args.task, samples=args.samples,
                                temperature=args.temperature, solution=args.solution, out=args.out, fields=args.field,
                                config=args.config, overrides=args.overrides, max_new_tokens=args.max_new_tokens,
-                               seed=args.seed)
+                               seed=args.seed, tool_images=args.tool_images)
         if args.json:
             return result
         print(format_prediction(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -24,29 +25,48 @@ from visual_rft.runtime import load_policy, load_split, prompt_batch
 
 
 def predict(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
-            progress: bool = True, on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+            progress: bool = True, on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+            image_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """One completion per record, scored by every reward of the task and parsed by its parser;
-    `on_rows` receives each batch's rows as soon as they exist (eval writes them as it goes)."""
-    rewards = task_rewards(cfg.task, list(task_module(cfg.task.name).REWARDS))
+    `on_rows` receives each batch's rows as soon as they exist (eval writes them as it goes).
+    With tools.enabled each record is a tool conversation (tool_eval.py): the final turn is the
+    completion, every turn is kept, and with `image_dir` the tools' images are written there."""
+    rewards = task_rewards(cfg.task, list(task_module(cfg.task.name).REWARDS), tools=cfg.tools)
     suppress = vision_token_ids(processor, getattr(model, "config", None))
+    if cfg.tools.enabled:
+        from visual_rft import tool_eval
+
+        runner = tool_eval.ToolRunner.from_config(cfg, processor)
+        draw = tool_eval.eval_draw(model, processor, cfg, suppress)
     rows: list[dict[str, Any]] = []
     model.eval()
     batches = range(0, len(records), cfg.eval.batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress):
         batch = records[start:start + cfg.eval.batch_size]
-        inputs, _ = prompt_batch(batch, cfg, processor, device)
-        _, mask, texts = generate(model, processor.tokenizer, inputs, max_new_tokens=cfg.eval.max_new_tokens,
-                                  temperature=cfg.eval.temperature, suppress_ids=suppress)
-        scores = rewards.score(texts, columns_of(batch))
-        done = len(rows)
-        for i, (record, text) in enumerate(zip(batch, texts)):
-            parsed = rewards.parse(text, **record.columns())  # the parser the rewards' mode binds
-            rows.append({"source": record.source, "solution": record.solution, "completion": text,
-                         "prediction": _jsonable(parsed), "parse_failed": parsed is None,
-                         "label": record.fields.get("label"), "completion_tokens": int(mask[i].sum()),
-                         **{name: scores[name][i] for name in rewards.names}})
+        if cfg.tools.enabled:
+            conversations = tool_eval.converse(model, processor, batch, cfg, device, draw, runner=runner)
+            rows += tool_eval.conversation_rows(conversations, batch, rewards, first_row=start,
+                                                image_dir=Path(image_dir) if image_dir is not None else None)
+        else:
+            rows += _one_turn_rows(model, processor, batch, cfg, device, rewards, suppress)
         if on_rows is not None:
-            on_rows(rows[done:])
+            on_rows(rows[start:])
+    return rows
+
+
+def _one_turn_rows(model: Any, processor: Any, batch: list[Record], cfg: Config, device: torch.device,
+                   rewards: Any, suppress: list[int]) -> list[dict[str, Any]]:
+    inputs, _ = prompt_batch(batch, cfg, processor, device)
+    _, mask, texts = generate(model, processor.tokenizer, inputs, max_new_tokens=cfg.eval.max_new_tokens,
+                              temperature=cfg.eval.temperature, suppress_ids=suppress)
+    scores = rewards.score(texts, columns_of(batch))
+    rows = []
+    for i, (record, text) in enumerate(zip(batch, texts)):
+        parsed = rewards.parse(text, **record.columns())  # the parser the rewards' mode binds
+        rows.append({"source": record.source, "solution": record.solution, "completion": text,
+                     "prediction": _jsonable(parsed), "parse_failed": parsed is None,
+                     "label": record.fields.get("label"), "completion_tokens": int(mask[i].sum()),
+                     **{name: scores[name][i] for name in rewards.names}})
     return rows
 
 
@@ -92,7 +112,8 @@ def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Confi
                    out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Metrics of `model` on `records`; with `out_dir`, predictions.jsonl is written batch by batch
     (a crash midway keeps what was predicted), then metrics.json, and config.yaml (the report
-    finds the records' images through its data settings)."""
+    finds the records' images through its data settings). With tools.enabled the tools' images go to
+    out_dir/tool_images/ and metrics.json gains the tool/* metrics (tool_eval.tool_metrics)."""
     if out_dir is None:
         rows = predict(model, processor, records, cfg, device, progress)
     else:
@@ -104,9 +125,16 @@ def evaluate_model(model: Any, processor: Any, records: list[Record], cfg: Confi
                 fh.writelines(json_line(r) for r in batch)
                 fh.flush()
 
-            rows = predict(model, processor, records, cfg, device, progress, on_rows=write)
-    metrics = summarize(rows, list(task_module(cfg.task.name).REWARDS))
+            if cfg.tools.enabled:  # the images of an earlier evaluation (--overwrite) are not this one's
+                shutil.rmtree(out / "tool_images", ignore_errors=True)
+            rows = predict(model, processor, records, cfg, device, progress, on_rows=write, image_dir=out)
+    names = list(task_module(cfg.task.name).REWARDS)
+    metrics = summarize(rows, names)
     metrics.update(task_metrics(rows, records, cfg))
+    if cfg.tools.enabled:
+        from visual_rft.tool_eval import headline_reward, tool_metrics
+
+        metrics.update(tool_metrics(rows, headline_reward(names)))
     metrics["thinking"] = cfg.task.thinking  # which format the format_rate holds completions to
     if out_dir is not None:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -96,10 +96,12 @@ def _sample_settings(cfg: Config, samples: int, temperature: float | None,
     return temperature, max_new_tokens
 
 
-def _score(cfg: Config, record: Record, texts: list[str]) -> list[dict[str, Any]]:
-    """Every configured reward, the weighted total and (for a group) the GRPO advantage."""
-    rewards = task_rewards(cfg.task)
-    scores = rewards.score(texts, columns_of([record] * len(texts)))
+def _score(cfg: Config, record: Record, texts: list[str],
+           columns: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
+    """Every configured reward, the weighted total and (for a group) the GRPO advantage; `columns`:
+    more reward columns (a tool conversation's `tool_turns`, for its whole-conversation format)."""
+    rewards = task_rewards(cfg.task, tools=cfg.tools)
+    scores = rewards.score(texts, {**columns_of([record] * len(texts)), **(columns or {})})
     totals = rewards.total(scores)
     advantages = [None] * len(texts)
     if len(texts) > 1:
@@ -136,34 +138,77 @@ def predict_image(spec: str, image: str | list[str], *, question: str | None = N
                   samples: int = 1, temperature: float | None = None, solution: str | None = None,
                   out: str | None = None, fields: list[str] | None = None, config: str | None = None,
                   overrides: list[str] | None = None, max_new_tokens: int | None = None,
-                  seed: int = 0) -> dict[str, Any]:
-    """Everything cheap is checked first (image, solution, settings); then the model loads."""
+                  seed: int = 0, tool_images: str | None = None) -> dict[str, Any]:
+    """Everything cheap is checked first (image, solution, settings); then the model loads. With
+    tools.enabled (the run's config or an override) each sample is a tool conversation; the images
+    the tools make are saved under `tool_images` (default IMAGE_STEM.tools/)."""
     source, cfg = predict_config(spec, task=task, question=question, config=config, overrides=overrides or [])
     images = [image] if isinstance(image, str) else list(image)
     record = _image_record(images, cfg, solution, parse_fields(fields or []))
     temperature, max_new_tokens = _sample_settings(cfg, samples, temperature, max_new_tokens)
     out_path = Path(out) if out else (Path(f"{Path(images[0]).stem}.boxes.png") if cfg.task.name in BOX_TASKS else None)
+    folder = _tool_folder(cfg, tool_images, images[0])
     device = make_accelerator(cfg).device
     model, processor = load_source(source, cfg, device)
-    inputs, prompts = prompt_batch([record], cfg, processor, device, max_prompt_length=cfg.grpo.max_prompt_length)
+    suppress = vision_token_ids(processor, getattr(model, "config", None))
     torch.manual_seed(seed)
-    with torch.no_grad():
-        _, mask, texts = generate_grouped(model, processor.tokenizer, inputs, samples, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
-                                          suppress_ids=vision_token_ids(processor, getattr(model, "config", None)))
+    if cfg.tools.enabled:
+        prompt, rows, texts, columns = _converse(model, processor, record, cfg, device, samples, temperature,
+                                                 max_new_tokens, suppress, folder)
+    else:
+        inputs, prompts = prompt_batch([record], cfg, processor, device, max_prompt_length=cfg.grpo.max_prompt_length)
+        with torch.no_grad():
+            _, mask, texts = generate_grouped(model, processor.tokenizer, inputs, samples,
+                                              max_new_tokens=max_new_tokens, temperature=temperature,
+                                              top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k, suppress_ids=suppress)
+        prompt, rows, columns = prompts[0], [{"tokens": int(mask[i].sum())} for i in range(len(texts))], None
     parse = task_parser(cfg.task.name, cfg.task.mode)
     answers = [parse(text, **record.columns()) for text in texts]
-    rows = [{"completion": text, "answer": answer, "parsed": answer is not None, "tokens": int(mask[i].sum())}
-            for i, (text, answer) in enumerate(zip(texts, answers))]
+    rows = [{"completion": text, "answer": answer, "parsed": answer is not None, **row}
+            for text, answer, row in zip(texts, answers, rows)]
     if solution:
-        for row, scored in zip(rows, _score(cfg, record, texts)):
+        for row, scored in zip(rows, _score(cfg, record, texts, columns)):
             row.update(scored)
     result: dict[str, Any] = {"model": source.model, "step": source.step, "task": cfg.task.name,
                               "thinking": cfg.task.thinking,
-                              "prompt": prompts[0], "temperature": temperature, "samples": rows}
+                              "prompt": prompt, "temperature": temperature, "samples": rows}
+    if cfg.tools.enabled:
+        result["tools"] = list(cfg.tools.names)
+        if any(turn.get("image") for row in rows for turn in row["turns"]):
+            result["tool_images"] = str(folder)
     if out_path is not None:
         result["image_out"] = str(_draw(cfg, record, answers, out_path))
     return result
+
+
+def _tool_folder(cfg: Config, tool_images: str | None, image: str) -> Path | None:
+    """Where the tools' images go (checked before the model loads); None without tools."""
+    if not cfg.tools.enabled:
+        if tool_images:
+            raise ValueError("--tool-images saves the images tools make: it needs tools.enabled=true")
+        return None
+    folder = Path(tool_images) if tool_images else Path(f"{Path(image).stem}.tools")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--tool-images {folder} is a file, not a folder")
+    return folder
+
+
+def _converse(model: Any, processor: Any, record: Record, cfg: Config, device: torch.device, samples: int,
+              temperature: float, max_new_tokens: int, suppress: list[int],
+              folder: Path | None) -> tuple[str, list[dict[str, Any]], list[str], dict[str, list[Any]]]:
+    """tools.enabled: each sample is a tool conversation (tool_eval.py), `max_new_tokens` per turn;
+    the tools' images go to `folder` as <sample>-<k>.png. Returns the question, each
+    sample's turns, its final turn (what is parsed and scored) and the reward columns of its turns."""
+    from visual_rft.rl.tool_rollout import tool_columns
+    from visual_rft.tool_eval import converse, predict_draw, sample_rows
+
+    draw = predict_draw(model, processor, cfg, temperature=temperature, max_new_tokens=max_new_tokens,
+                        suppress=suppress)
+    with torch.no_grad():
+        conversations = converse(model, processor, [record], cfg, device, draw, group_size=samples)
+    rows = sample_rows(conversations, folder)
+    return (conversations[0].conversation.prompt, rows, [c.final_text for c in conversations],
+            tool_columns(conversations))
 
 
 def format_prediction(result: dict[str, Any]) -> str:
@@ -172,7 +217,8 @@ def format_prediction(result: dict[str, Any]) -> str:
     n = len(result["samples"])
     how = "greedy" if result["temperature"] == 0 else f"temperature {result['temperature']:g}"
     thinking = f" · thinking {result['thinking']}" if result.get("thinking") else ""
-    lines = [f"{result['model']}{step} · {result['task']}{thinking} · {n} sample{'s' * (n > 1)}, {how}",
+    tools = f" · tools {', '.join(result['tools'])}" if result.get("tools") else ""
+    lines = [f"{result['model']}{step} · {result['task']}{thinking}{tools} · {n} sample{'s' * (n > 1)}, {how}",
              f"prompt: {result['prompt']!r}"]
     for i, sample in enumerate(result["samples"], start=1):
         answer = repr(sample["answer"]) if sample["parsed"] else "unparsed"
@@ -182,7 +228,27 @@ def format_prediction(result: dict[str, Any]) -> str:
             line += f"  reward {sample['reward']:.3f} ({parts})"
             if sample["advantage"] is not None:
                 line += f"  advantage {sample['advantage']:+.3f}"
-        lines += [line, f"    {sample['completion']!r}"]
+        lines.append(line)
+        lines += _turn_lines(sample["turns"], sample["truncated"]) if "turns" in sample else [
+            f"    {sample['completion']!r}"]
     if result.get("image_out"):
         lines.append(f"boxes drawn: {result['image_out']}")
+    if result.get("tool_images"):
+        lines.append(f"tool images: {result['tool_images']}")
     return "\n".join(lines)
+
+
+def _turn_lines(turns: list[dict[str, Any]], truncated: bool) -> list[str]:
+    """A tool conversation turn by turn: the model's text, then the tool's answer and its image's file."""
+    lines = []
+    for k, turn in enumerate(turns, start=1):
+        lines.append(f"    turn {k}: {turn['text']!r}")
+        if turn.get("result") is not None:
+            call = turn.get("call") or {}
+            what = f"error {turn['error']}" if turn.get("error") else f"{call.get('name')} {call.get('arguments')}"
+            lines.append(f"      tool {what} -> {turn['result']!r}")
+        if turn.get("image"):
+            lines.append(f"      tool image: {turn['image']}")
+    if truncated:
+        lines.append("    (cut: the last turn hit the token limit or tools.max_turns before an answer)")
+    return lines

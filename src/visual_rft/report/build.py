@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from visual_rft.report.discover import DEMO_PHASES, Run, config_text, discover
-from visual_rft.report.html import (CompletionView, bar_table, confusion_table, details, esc, group_html, img,
+from visual_rft.report.html import (CompletionView, TurnView, bar_table, confusion_table, details, esc, group_html, img,
                                     note, page, section, sub, table)
 from visual_rft.report.images import PALETTE, DataSpec, ImageFinder, infer_task, read_boxes, render_image
 from visual_rft.report.plots import bars_png, group_curves, group_panels, overlay_panels, panels_png
@@ -123,7 +123,7 @@ def gallery(run: Run, ctx: Context, budget: int) -> str:
             color = PALETTE[i % len(PALETTE)] if boxes_i is not None else None
             boxes = boxes or boxes_i
             preds.append(boxes_i.pred if boxes_i else None)
-            views.append(CompletionView(row.get("completion"), row, failed, color))
+            views.append(CompletionView(row.get("completion"), row, failed, color, turn_views(row, None)))
         uri = render_image(hit.image if hit else None, boxes, [v.color for v in views], preds)
         more = f" (+{group.truncated} more completions not shown)" if group.truncated else ""
         meta = f"step {group.step} · {len(group.rows)} completions{more} · source {first.get('source')}"
@@ -186,14 +186,51 @@ def _predictions_html(run: Run, ctx: Context, path: Path) -> str:
         color = PALETTE[0] if boxes is not None else None
         uri = render_image(hit.image if hit else None, boxes, [color], [boxes.pred if boxes else None])
         verdict = "correct" if is_correct(row) else "wrong"
-        names = ["label", "prediction", *reward_keys(row, PREDICTION_KEYS), "completion_tokens"]
+        names = ["label", "prediction", *reward_keys(row, PREDICTION_KEYS), "completion_tokens", "tool_calls",
+                 "truncated"]
         view = CompletionView(row.get("completion"), {**row, "prediction": _short(row.get("prediction"))},
-                              failed, color)
+                              failed, color, turn_views(row, run.path))
         cards.append(group_html(f"{verdict} · source {row.get('source')}", uri, None, row.get("solution"),
                                 [view], [n for n in names if n in row], extra=_verdict_badge(verdict)))
     if cards:
         parts.append(sub("example predictions", "".join(cards)))
     return "".join(parts)
+
+
+MAX_TURNS_SHOWN = 16  # a hostile or runaway row cannot make a card of a thousand turns
+
+
+def turn_views(row: dict[str, Any], base: Path | None) -> list[TurnView] | None:
+    """A tool conversation's turns (the row's `turns`, tool_eval.py / the trainer's rollouts), each
+    with the image its tool made when the row names a file under `base` (eval's tool_images/);
+    None for a one-turn row."""
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns:
+        return None
+    views = []
+    for turn in turns[:MAX_TURNS_SHOWN]:
+        turn = turn if isinstance(turn, dict) else {"text": turn}
+        tool = ""
+        if turn.get("result") is not None:
+            call = turn.get("call") if isinstance(turn.get("call"), dict) else {}
+            named = f"{call.get('name')} {json.dumps(call.get('arguments'))} -> " if call else ""
+            tool = f"{named}{turn['result']}"
+        views.append(TurnView(turn.get("text"), tool, str(turn.get("error") or ""),
+                              _tool_image(base, turn.get("image"))))
+    if len(turns) > MAX_TURNS_SHOWN:
+        views.append(TurnView(f"({len(turns) - MAX_TURNS_SHOWN} more turns not shown)"))
+    return views
+
+
+def _tool_image(base: Path | None, name: Any) -> str | None:
+    """The data URI of a tool image `name` relative to `base`; None for a path that leaves `base`."""
+    if base is None or not isinstance(name, str) or not name:
+        return None
+    root = base.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return render_image(path)
 
 
 def _verdict_badge(verdict: str) -> str:

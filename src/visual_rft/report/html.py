@@ -40,6 +40,8 @@ table.completions td:first-child{white-space:nowrap}
 td.cm{text-align:right;min-width:28px}td.diag{font-weight:bold;outline:1px solid #2ca02c}
 .bar{display:inline-block;height:10px;background:#1f77b4;vertical-align:middle;margin-right:6px}
 .note{color:#666;font-size:12px}
+.turn{border-left:3px solid #d5dbe1;padding-left:6px;margin:4px 0}.tool{font-size:12px;color:#243447;margin:2px 0}
+img.tool-image{display:block;image-rendering:pixelated;border:1px solid #ccc;margin:2px 0 4px}
 """
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -139,6 +141,16 @@ def bar_table(header: Sequence[str], values: dict[str, Any]) -> str:
 
 
 @dataclass
+class TurnView:
+    """One model turn of a tool conversation, and what the tool answered to it."""
+
+    text: Any
+    tool: str = ""  # the call and the tool's answer text; "" for the final turn
+    error: str = ""  # the call's error kind, "" when it ran
+    image_uri: str | None = None  # the image the tool made
+
+
+@dataclass
 class CompletionView:
     """One completion as the gallery shows it."""
 
@@ -146,6 +158,21 @@ class CompletionView:
     scores: dict[str, Any] = field(default_factory=dict)  # column -> value (rewards, advantage, ...)
     failed: str = ""  # why it is highlighted ("parse failure", "format 0"); "" when it parsed
     color: str | None = None  # its boxes' colour on the image, for detection/grounding
+    turns: list[TurnView] | None = None  # a tool conversation: shown turn by turn instead of `text`
+
+
+def turns_html(turns: Sequence[TurnView]) -> str:
+    """A tool conversation turn by turn: the model's text, the tool's answer, the tool's image."""
+    parts = []
+    for k, turn in enumerate(turns, start=1):
+        parts.append(f'<div class="turn"><span class="meta">turn {k}</span><pre>{clip(turn.text)}</pre>')
+        if turn.tool:
+            badge = f'<span class="badge">{esc(turn.error)}</span> ' if turn.error else ""
+            parts.append(f'<div class="tool">{badge}tool: {clip(turn.tool, 1000)}</div>')
+        if turn.image_uri:
+            parts.append(img(turn.image_uri, f"tool image, turn {k}", "tool-image"))
+        parts.append("</div>")
+    return "".join(parts)
 
 
 def group_html(meta: str, image_uri: str | None, prompt: Any, solution: Any,
@@ -158,8 +185,9 @@ def group_html(meta: str, image_uri: str | None, prompt: Any, solution: Any,
         swatch = f'<span class="swatch" style="background:{esc(c.color)}"></span>' if c.color else ""
         badge = f'<span class="badge">{esc(c.failed)}</span>' if c.failed else ""
         cells = "".join(_cell(c.scores.get(col)) for col in columns)
+        text = turns_html(c.turns) if c.turns else f"<pre>{clip(c.text)}</pre>"
         rows.append(f'<tr class="{"parse-fail" if c.failed else "parsed"}"><td>{swatch}{i + 1}{badge}</td>'
-                    f'<td class="text"><pre>{clip(c.text)}</pre></td>{cells}</tr>')
+                    f'<td class="text">{text}</td>{cells}</tr>')
     prompt_html = (f"<details><summary>prompt</summary><pre>{clip(squeeze_prompt(prompt))}</pre></details>"
                    if prompt else "")
     return (f'<div class="group" data-step="{esc(step)}"><div class="thumb">{thumb}</div><div class="texts">'

@@ -16,8 +16,10 @@ MAX_CURVE_POINTS = 2000
 MAX_GROUP_ROWS = 64  # completions shown per rollout group; G is 8 in the paper
 MAX_CONFUSION_CELLS = 100_000  # distinct (label, prediction) pairs before rare predictions fold into OTHER
 OTHER, NO_ANSWER = "(other)", "(no answer)"
-ROLLOUT_KEYS = {"step", "source", "prompt", "solution", "completion", "advantage"}
-PREDICTION_KEYS = {"source", "solution", "completion", "prediction", "parse_failed", "label", "completion_tokens"}
+TOOL_KEYS = {"turns", "tool_calls", "truncated"}  # a tool conversation's fields (tool_eval.py): no rewards
+ROLLOUT_KEYS = {"step", "source", "prompt", "solution", "completion", "advantage", *TOOL_KEYS}
+PREDICTION_KEYS = {"source", "solution", "completion", "prediction", "parse_failed", "label", "completion_tokens",
+                   *TOOL_KEYS}
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
