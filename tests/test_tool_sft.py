@@ -80,6 +80,9 @@ def test_a_trajectory_conversation_by_hand(policy):
     call_text = call_turn({"name": "rotate", "arguments": {"angle": 270}}, cfg.tools.think)
     assert call_text == ('<think>I look closer with a tool.</think><tool_call>\n'
                          '{"name": "rotate", "arguments": {"angle": 270}}\n</tool_call>')
+    bare = classify_turn(call_turn({"name": "rotate", "arguments": {"angle": 90}}, "x", "off"), runner.tools,
+                         thinking="off")
+    assert bare.well_formed and bare.call.arguments == {"angle": 90}  # task.thinking=off: the call block alone
     turn1, turn2 = conv.turns
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert turn1 == tokenizer(call_text, add_special_tokens=False)["input_ids"] + [im_end]
