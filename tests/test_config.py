@@ -114,7 +114,7 @@ def test_an_optimiser_key_outside_its_block_names_the_new_key(tmp_path):
 
 
 def test_configs_are_shipped():
-    assert {"flowers102_4shot.yaml", "demo.yaml"} <= {p.name for p in CONFIGS}
+    assert {"flowers102_4shot.yaml", "demo.yaml", "tools_digits.yaml"} <= {p.name for p in CONFIGS}
 
 
 def test_an_unknown_key_on_the_command_line_is_blamed_on_the_command_line():

@@ -22,15 +22,33 @@ def load_split(cfg: Config, which: str = "train") -> list[Record]:
     path = cfg.data.train if which == "train" else cfg.data.eval
     if not path:
         raise ValueError(f"data.{which} is not set: give a dataset path (e.g. data.{which}=path/to/data.jsonl)")
+    boxes = cfg.task.name != "classification" or cfg.tools.enabled  # tool calls take boxes in the run's space
     records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit,
-                           box_space=resolve_box_space(cfg) if cfg.task.name != "classification" else None)
+                           box_space=resolve_box_space(cfg) if boxes else None)
     if not records:
         raise ValueError(f"data.{which} ({path}) has no records")
     _check_pixel_boxes(records, cfg.data.image_size, f"data.{which} ({path})")
     if cfg.data.check:
         records = checked(records, cfg.task.name, cfg.data.on_bad_record, f"data.{which} ({path})",
-                          max_pixels=cfg.data.max_image_pixels)
+                          max_pixels=cfg.data.max_image_pixels, tools=trajectory_check(cfg))
     return records
+
+
+def trajectory_check(cfg: Config) -> Any:
+    """With tools.enabled, how the data check validates each record's `tool_calls` (tools/trajectory.py):
+    against the configured tools, in the run's box space, on images sized as data.image_size says.
+    Box arguments refer to the image's own pixels here (a processor's resize is not applied)."""
+    if not cfg.tools.enabled:
+        return None
+    from visual_rft.tools.registry import ToolSettings, select_tools
+    from visual_rft.tools.trajectory import TrajectoryCheck
+
+    tools = select_tools(cfg.tools.names)
+    takes_boxes = any(p.kind == "box" for spec in tools.values() for p in spec.params)
+    space = resolve_box_space(cfg) if takes_boxes or cfg.task.box_space != "auto" else "qwen2vl"
+    settings = ToolSettings(box_space=space, zoom_pixels=cfg.tools.zoom_pixels)
+    return TrajectoryCheck(tools, settings, cfg.tools.think, cfg.task.thinking, cfg.tools.max_turns,
+                           cfg.data.image_size)
 
 
 def resolve_box_space(cfg: Config) -> str:
@@ -67,8 +85,10 @@ def check_data(cfg: Config) -> dict[str, Any]:
         path = getattr(cfg.data, which)
         if not path:
             continue
-        records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit)
-        report = check_records(records, cfg.task.name, max_pixels=cfg.data.max_image_pixels)
+        tools = trajectory_check(cfg)
+        records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit,
+                               box_space=tools.settings.box_space if tools else None)
+        report = check_records(records, cfg.task.name, max_pixels=cfg.data.max_image_pixels, tools=tools)
         out[which] = {"path": path, "records": report.total, "bad": report.bad, "image_modes": report.modes,
                       "problems": [f"{source}: {reason}" for source, reason in report.problems]}
     if not out:

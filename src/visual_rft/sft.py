@@ -1,6 +1,8 @@
 """The supervised baseline: teach `<think>{sft.think}</think><answer>label</answer>` on the same
 records, for the paper's SFT-vs-RFT comparison. It shares the trainer's data order, optimiser,
-checkpoint layout and scoring forward (completion_logprobs), so the two differ only in the loss."""
+checkpoint layout and scoring forward (completion_logprobs), so the two differ only in the loss.
+With tools.enabled it imitates each record's trajectory of tool calls before that answer
+(tool_sft.py): the warm-up a tool-using policy needs before GRPO with tools."""
 
 from __future__ import annotations
 
@@ -32,11 +34,20 @@ def sft_target(record: Record, think: str, thinking: str = "on") -> str:
     return f"<think>{think}</think>{answer}" if thinking == "on" else answer
 
 
+def turn_end_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn: `<|im_end|>` where the vocabulary has it, else EOS."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return eos if isinstance(eos, int) and eos != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+
+def target_ids(text: str, tokenizer: Any) -> list[int]:
+    """One assistant turn to imitate: its text's tokens, then the turn's end token."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [turn_end_id(tokenizer)]
+
+
 def target_batch(texts: list[str], tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded target ids ending in EOS, and their mask."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eos = eos if isinstance(eos, int) and eos != tokenizer.unk_token_id else tokenizer.eos_token_id
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    rows = [target_ids(t, tokenizer) for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -46,11 +57,26 @@ def target_batch(texts: list[str], tokenizer: Any, device: torch.device) -> tupl
     return ids.to(device), mask.to(device)
 
 
-def sft_loss(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device) -> torch.Tensor:
-    """Mean negative log-likelihood of the target tokens (the prompt is context only)."""
+def sft_loss(model: Any, processor: Any, records: list[Record], cfg: Config, device: torch.device,
+             tools: Any = None) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (the prompt is context only). `tools` (a
+    ToolRunner, tools.enabled): each record's trajectory of tool calls, then its answer (tool_sft.py)."""
+    if tools is not None:
+        from visual_rft.tool_sft import tool_sft_loss
+
+        return tool_sft_loss(model, processor, tools, records, cfg, device)
     inputs, _ = prompt_batch(records, cfg, processor, device)
     ids, mask = target_batch([sft_target(r, cfg.sft.think, cfg.task.thinking) for r in records], processor.tokenizer, device)
     return -masked_mean(completion_logprobs(model, inputs, ids, mask), mask)
+
+
+def tool_runner(cfg: Config, processor: Any) -> Any:
+    """The trainer's ToolRunner when tools.enabled (SFT then imitates each record's `tool_calls`), else None."""
+    if not cfg.tools.enabled:
+        return None
+    from visual_rft.rl.tool_rollout import ToolRunner
+
+    return ToolRunner.from_config(cfg, processor)
 
 
 def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
@@ -65,6 +91,7 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
     seed_everything(s.seed)
     with engine.building():
         model, processor = load_policy(cfg, accelerator.device, dtype=engine.load_dtype(cfg.model.dtype))
+    tools = tool_runner(cfg, processor)
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = s.batch_size * s.grad_accum_steps * world
     steps = total_steps(len(records), per_step, s.num_epochs, s.max_steps)
@@ -85,7 +112,7 @@ def train_sft(cfg: Config, records: list[Record] | None = None) -> Path:
         with timer.phase("update"):
             for m, chunk in enumerate(micro):
                 with engine.micro_batch(model, last=m == len(micro) - 1):  # gradients reduced once per step
-                    loss = sft_loss(model, processor, [records[i] for i in chunk], cfg, accelerator.device)
+                    loss = sft_loss(model, processor, [records[i] for i in chunk], cfg, accelerator.device, tools)
                     engine.backward(model, loss / len(micro))
                 losses.append(loss.item())
             grad_norm, stepped = engine.step(model, optimizer, scheduler)

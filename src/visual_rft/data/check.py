@@ -2,19 +2,24 @@
 
 Run by `visual-rft data check CONFIG` and at the start of `train`, `sft` and `eval`. Each problem
 names its record's source (file:row); `data.on_bad_record` decides whether a bad record stops the run
-(`fail`, the default) or is skipped and counted (`skip`).
+(`fail`, the default) or is skipped and counted (`skip`). With tools (tools.enabled) a record's
+`tool_calls` trajectory is checked too: every call parses and runs on the record's images
+(tools/trajectory.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from visual_rft.data.errors import DataError
 from visual_rft.data.record import DEFAULT_MAX_IMAGE_PIXELS, ImageLike, Record, answer_text, load_rgb, open_image
 from visual_rft.rewards import task_module
+
+if TYPE_CHECKING:
+    from visual_rft.tools.trajectory import TrajectoryCheck
 
 # Larger images are refused rather than decoded: a 100k x 100k PNG would take the machine's memory.
 
@@ -81,13 +86,21 @@ def _label_problem(record: Record, task: str) -> str | None:
     return None
 
 
+def _trajectory_problem(record: Record, tools: "TrajectoryCheck", max_pixels: int, decode: bool) -> str | None:
+    images = record.load_images(max_pixels) if decode else None  # they decoded: _image_problem passed
+    return tools.problem(record.fields, images)
+
+
 def check_records(records: list[Record], task: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                  decode: bool = True) -> CheckReport:
+                  decode: bool = True, tools: "TrajectoryCheck | None" = None) -> CheckReport:
+    """`tools`: check each record's `tool_calls` as a run with those tools would make them."""
     report = CheckReport(total=len(records))
     for record in records:
         problem = _label_problem(record, task)
         if problem is None and decode:
             problem = _image_problem(record, max_pixels, report.modes)
+        if problem is None and tools is not None:
+            problem = _trajectory_problem(record, tools, max_pixels, decode)
         if problem is not None:
             report.problems.append((record.source or "?", problem))
     return report

@@ -5,13 +5,18 @@ analysis needs.
 - `embedded:mnist_rotated[?seed=0&size=56&angles=90,180,270]`: each digit turned counter-clockwise
   by one of `angles` (seeded per digit). Fields: `label`, `rotation` (the angle applied) and `undo`
   (the `rotate` angle that sets it upright again: (360 - rotation) % 360). A 6 turned by 180 looks
-  like a 9 (and back): those records have `ambiguous` true, for analyses to leave out.
+  like a 9 (and back): those records have `ambiguous` true, for analyses to leave out. With 0 among
+  `angles` (e.g. `angles=0,90,180,270`) some digits are upright: whether to call is a decision too.
 - `embedded:mnist_small[?seed=0&canvas=448&digit=28&box_space=qwen2vl]`: each digit, resized to
   `digit` px, pasted at a seeded position on a black `canvas` x `canvas` image. Downscaled to the
   model's input (the tiny model sees 56 x 56, so 1/8 here) it is a blob that cannot be read until it
   is cropped or zoomed; a real model needs a small processor max_pixels for the same effect. Fields:
   `label`, `box` (the digit's ink, in `box_space`, rounded as detection targets are), `box_pixels`,
   `image_size`, `box_space` and `origin` ([x, y] of the pasted digit).
+
+Each record's `tool_calls` is its expert trajectory (tools/trajectory.py, for SFT on tool use):
+mnist_rotated `[{"name": "rotate", "arguments": {"angle": undo}}]` (none for an upright digit),
+mnist_small a `zoom` on the digit's box with a margin of a quarter of `digit` px, in `box_space`.
 
 Both take the digits of `mnist_records` (class-balanced under `limit`) in its order; the seed only
 draws each digit's rotation or position, from the digit's own source name, so a record does not
@@ -45,8 +50,9 @@ def rotated_digit_records(*, limit: int | None = None, seed: int = 0, size: int 
         angle = random.Random(f"{seed}:rotated:{digit.source}").choice(list(angles))
         image = digit.image if angle == 0 else rotate(digit.image, angle)
         label = digit.fields["label"]
-        fields = {"label": label, "rotation": angle, "undo": (360 - angle) % 360,
-                  "ambiguous": angle == 180 and label in ("6", "9")}
+        undo = (360 - angle) % 360
+        fields = {"label": label, "rotation": angle, "undo": undo, "ambiguous": angle == 180 and label in ("6", "9"),
+                  "tool_calls": [{"name": "rotate", "arguments": {"angle": undo}}] if angle else []}
         records.append(Record(image, "", digit.solution, fields, f"{digit.source}@rot{angle}"))
     return records
 
@@ -64,8 +70,11 @@ def small_digit_records(*, limit: int | None = None, seed: int = 0, canvas: int 
         image = Image.new("RGB", (canvas, canvas))
         image.paste(item.image, (x, y))
         box = _ink_box(item.image, x, y)
-        fields = {"label": item.fields["label"], "box": to_target(box, (canvas, canvas), (canvas, canvas), space),
-                  "box_pixels": box, "image_size": [canvas, canvas], "box_space": space.value, "origin": [x, y]}
+        size = (canvas, canvas)
+        view = _with_margin(box, digit / 4, canvas)
+        fields = {"label": item.fields["label"], "box": to_target(box, size, size, space),
+                  "box_pixels": box, "image_size": [canvas, canvas], "box_space": space.value, "origin": [x, y],
+                  "tool_calls": [{"name": "zoom", "arguments": {"box": to_target(view, size, size, space)}}]}
         records.append(Record(image, "", item.solution, fields, f"{item.source}@{x},{y}"))
     return records
 
@@ -75,6 +84,13 @@ def _ink_box(image: Image.Image, x: int, y: int) -> list[float]:
     ink = np.asarray(image.convert("L")) > 0
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     return [float(x + cols[0]), float(y + rows[0]), float(x + cols[-1] + 1), float(y + rows[-1] + 1)]
+
+
+def _with_margin(box: list[float], margin: float, canvas: int) -> list[float]:
+    """`box` grown by `margin` px on every side, clamped to the canvas (whole pixels)."""
+    x1, y1, x2, y2 = box
+    return [float(max(0, int(x1 - margin))), float(max(0, int(y1 - margin))),
+            float(min(canvas, -int(-(x2 + margin)))), float(min(canvas, -int(-(y2 + margin))))]
 
 
 def _angles(value: str) -> list[int]:

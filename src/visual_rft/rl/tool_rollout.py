@@ -178,6 +178,20 @@ def conversation_rollout(records: list[Record], prompts: list[str], conversation
                    sequence_inputs=full, conversations=conversations)
 
 
+def written_tail(conversations: Sequence[Conversation], device: torch.device | str = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Conversations as one left-padded batch (batch_inputs), its last T tokens [N, T] (T covering every
+    row's turns after its prompt) and their mask: 1 on the model-written tokens, as conversation_rollout
+    lays them out (tool SFT scores its trajectories with this; tail_logprobs reads the tail)."""
+    full = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_inputs(conversations).items()}
+    tail = max(1, max(c.input_ids().numel() - c.prompt_length() for c in conversations))
+    mask = torch.zeros(len(conversations), tail, dtype=torch.long)
+    for row, conv in enumerate(conversations):
+        written = conv.loss_mask()[conv.prompt_length():]
+        mask[row, tail - written.numel():] = written
+    return full, full["input_ids"][:, -tail:], mask.to(device)
+
+
 def turn_seed(seed: int | None, turn: int) -> int | None:
     """Turn `turn`'s sampling seed: the micro-batch slot's own for the first turn (as one-turn rollouts
     draw), then distinct per turn."""

@@ -6,6 +6,7 @@ running model-written code: a fixed set of structured tools on PIL images.
     registry.py      name -> ToolSpec (argument schema + function), execute(call), the tools' prompt text
     conversation.py  a conversation's token ids, images and loss mask, rendered by the family's template;
                      batch_inputs for a left-padded batch of conversations
+    trajectory.py    a record's expert `tool_calls` as model turns (tool SFT) and their data check
 
 One rollout turn, as the loop above the rollout engine drives it:
 
