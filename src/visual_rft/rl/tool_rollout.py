@@ -164,16 +164,10 @@ def conversation_rollout(records: list[Record], prompts: list[str], conversation
     conversation as `sequence_inputs`; completion_ids its last T tokens, T covering every row's turns
     after its prompt; completion_mask 1 on the tokens the model generated there (tool results, their
     image tokens and the template's markers are 0)."""
-    convs = [c.conversation for c in conversations]
-    full = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_inputs(convs).items()}
-    tail = max(1, max(c.input_ids().numel() - c.prompt_length() for c in convs))
-    mask = torch.zeros(len(convs), tail, dtype=torch.long)
-    for row, conv in enumerate(convs):
-        written = conv.loss_mask()[conv.prompt_length():]
-        mask[row, tail - written.numel():] = written
+    full, tail_ids, mask = written_tail([c.conversation for c in conversations], device)
     rows = [r for r in records for _ in range(group_size)]
-    return Rollout(rows, [p for p in prompts for _ in range(group_size)], {}, full["input_ids"][:, -tail:],
-                   mask.to(device), [c.final_text for c in conversations], group_size=group_size,
+    return Rollout(rows, [p for p in prompts for _ in range(group_size)], {}, tail_ids, mask,
+                   [c.final_text for c in conversations], group_size=group_size,
                    temperature=temperature, truncated=torch.tensor([c.truncated for c in conversations]),
                    sequence_inputs=full, conversations=conversations)
 
