@@ -75,7 +75,7 @@ def run_seed(out: Path, seed: int, quick: bool) -> list[dict]:
     if not (model / "config.json").exists():
         build_tiny_model(model, seed=seed, vocab_size=1024, corpus=tokenizer_corpus([]))
     steps = ["sft.max_steps=4", "grpo.max_steps=2", "eval.batch_size=20"] if quick else []
-    common = [f"data.train={train}", f"data.eval={test}", f"sft.seed={seed}", f"grpo.seed={seed}",
+    common = [f"data.train={train}", f"data.eval={test}", "data.limit=null", f"sft.seed={seed}", f"grpo.seed={seed}",
               "output.progress=false", "eval.steps=-1", *steps]
     rows = []
     for arm, tools in (("direct", "false"), ("tools", "true")):

@@ -111,3 +111,15 @@ def test_train_with_tools_from_the_command_line(tool_cfg, tiny_model_dir, tmp_pa
     assert "tool conversations differ per sample" in done.stderr  # the packed shortcut's fallback, said once
     saved = load_config(out / "config.yaml")
     assert saved.tools.enabled and saved.tools.names == ["rotate"]
+    # the run folder evaluates with tools as any model does (task.box_space=auto read from its model/)
+    evaluated = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "visual_rft.cli", "eval", *args[:1], f"model.name_or_path={out}",
+                           "data.eval=embedded:mnist_rotated", "data.limit=3", "data.image_size=null",
+                           "tools.enabled=true", "tools.names=[rotate]", "eval.max_new_tokens=6",
+                           f"output.dir={evaluated}", "output.progress=false"], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["num_samples"] == 3 and 0.0 <= metrics["tool/call_rate"] <= 1.0
+    assert load_config(evaluated / "config.yaml").model.name_or_path == str(out / "checkpoint-2" / "model")
+

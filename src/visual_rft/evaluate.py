@@ -145,11 +145,14 @@ def run_eval(cfg: Config, model_path: str | None = None, out_dir: str | Path | N
     """`visual-rft eval`: model.name_or_path (or `model_path`: a run, checkpoint, LoRA checkpoint,
     export or hub id, resolved as predict and export resolve it) over data.eval. LoRA adapters load
     over the base they were trained on (model_source.adapter_base), not the config's model."""
-    records = load_split(cfg, "eval")
     source = resolve_model_source(model_path) if model_path else None
-    if source is not None and source.adapters:
+    if source is not None:  # the model's own directory: task.box_space=auto reads its family from there
         cfg = copy.deepcopy(cfg)
-        cfg.model.name_or_path, cfg.model.lora.enabled = adapter_base(source), True
+        if source.adapters:
+            cfg.model.name_or_path, cfg.model.lora.enabled = adapter_base(source), True
+        else:
+            cfg.model.name_or_path = str(source.model)
+    records = load_split(cfg, "eval")
     accelerator = make_accelerator(cfg)
     model, processor = load_policy(cfg, accelerator.device, source.model if source else None)
     return evaluate_model(model, processor, records, cfg, accelerator.device, out_dir or cfg.output.dir,
