@@ -27,9 +27,10 @@ from visual_rft.tools.calls import ErrorKind, Turn, TurnKind, classify_turn
 from visual_rft.tools.conversation import Conversation, batch_inputs
 from visual_rft.tools.registry import ToolSettings, ToolSpec, respond, select_tools, tools_prompt
 
-# draw(inputs, images_per_row, group_size, turn, prompt_rows) -> one turn of every input row; prompt_rows[i]
-# is the prompt (index into the rollout's records) that input row i continues.
-Draw = Callable[[dict[str, torch.Tensor], list[int], int, int, list[int]], Generation]
+# draw(inputs, images_per_row, group_size, turn, prompt_rows, row_images) -> one turn of every input row;
+# prompt_rows[i] is the prompt (index into the rollout's records) that input row i continues, row_images[i]
+# that row's images in order (the prompt's, then the tools'), for engines that take token prompts (vLLM).
+Draw = Callable[[dict[str, torch.Tensor], list[int], int, int, list[int], list[list[Image.Image]]], Generation]
 
 
 @dataclass
@@ -129,7 +130,7 @@ def run_conversations(runner: ToolRunner, processor: Any, images: list[list[Imag
         convs = [done[i].conversation for i in rows]
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_inputs(convs).items()}
         drawn = draw(inputs, [len(c.images) for c in convs], 1 if turn else group_size, turn,
-                     [i // group_size for i in rows])
+                     [i // group_size for i in rows], [list(c.images) for c in convs])
         last = turn == runner.max_turns - 1
         live = [i for row, i in enumerate(live) if _add_turn(runner, done[i], drawn, row, set(eos_ids), last=last)]
     return done
