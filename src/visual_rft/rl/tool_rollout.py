@@ -43,6 +43,7 @@ class ToolTurn:
     call: dict[str, Any] | None = None  # {"name", "arguments"} of a call that parsed
     error: str | None = None  # the ErrorKind value of a call that could not run
     result: str | None = None  # the tool's answer text (None: the final turn)
+    sampler_logp: list[float] | None = None  # the engine's log-probs of the turn's tokens (vLLM), if it gave them
 
     def row(self) -> dict[str, Any]:
         return {"text": self.text, "call": self.call, "error": self.error, "result": self.result}
@@ -142,23 +143,25 @@ def _add_turn(runner: ToolRunner, conv: ToolConversation, drawn: Generation, row
     length = int(drawn.mask[row].sum())
     ids = drawn.ids[row, :length].tolist()
     text = drawn.texts[row]
+    logp = drawn.sampler_logp[row, :length].tolist() if drawn.sampler_logp is not None else None
     ended = bool(ids) and ids[-1] in eos
     if ids:
         conv.conversation.add_model_turn(ids)
     if not ended or last:  # no end token to continue after, or no turn left: the rollout stops here
         turn = classify_turn(text, runner.tools, thinking=runner.thinking)
         conv.truncated = not ended or turn.kind is TurnKind.TOOL_CALL
-        conv.turns.append(_record(turn, text, length, result=None))
+        conv.turns.append(_record(turn, text, length, result=None, logp=logp))
         return False
     turn = runner.answer(conv.conversation, text)
     result = conv.conversation.results[-1][1] if turn.kind is TurnKind.TOOL_CALL else None
-    conv.turns.append(_record(turn, text, length, result))
+    conv.turns.append(_record(turn, text, length, result, logp=logp))
     return turn.kind is TurnKind.TOOL_CALL
 
 
-def _record(turn: Turn, text: str, tokens: int, result: str | None) -> ToolTurn:
+def _record(turn: Turn, text: str, tokens: int, result: str | None, *, logp: list[float] | None = None) -> ToolTurn:
     call = {"name": turn.call.name, "arguments": dict(turn.call.arguments)} if turn.call is not None else None
-    return ToolTurn(text, tokens, turn.well_formed, call, turn.error.kind.value if turn.error else None, result)
+    return ToolTurn(text, tokens, turn.well_formed, call, turn.error.kind.value if turn.error else None, result,
+                    sampler_logp=logp)
 
 
 def conversation_rollout(records: list[Record], prompts: list[str], conversations: list[ToolConversation], *,
@@ -166,7 +169,8 @@ def conversation_rollout(records: list[Record], prompts: list[str], conversation
     """The trainer's Rollout of finished conversations (G per record, in order): every row's whole
     conversation as `sequence_inputs`; completion_ids its last T tokens, T covering every row's turns
     after its prompt; completion_mask 1 on the tokens the model generated there (tool results, their
-    image tokens and the template's markers are 0)."""
+    image tokens and the template's markers are 0); sampler_logp the engine's log-probs on the model's
+    tokens where every turn came with them (vLLM: the mismatch correction), else None."""
     convs = [c.conversation for c in conversations]
     full = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_inputs(convs).items()}
     tail = max(1, max(c.input_ids().numel() - c.prompt_length() for c in convs))
@@ -175,10 +179,27 @@ def conversation_rollout(records: list[Record], prompts: list[str], conversation
         written = conv.loss_mask()[conv.prompt_length():]
         mask[row, tail - written.numel():] = written
     rows = [r for r in records for _ in range(group_size)]
+    sampler = _sampler_logp(conversations, tail)
     return Rollout(rows, [p for p in prompts for _ in range(group_size)], {}, full["input_ids"][:, -tail:],
                    mask.to(device), [c.final_text for c in conversations], group_size=group_size,
                    temperature=temperature, truncated=torch.tensor([c.truncated for c in conversations]),
-                   sequence_inputs=full, conversations=conversations)
+                   sequence_inputs=full, conversations=conversations,
+                   sampler_logp=sampler.to(device) if sampler is not None else None)
+
+
+def _sampler_logp(conversations: Sequence[ToolConversation], tail: int) -> torch.Tensor | None:
+    """[N, tail] the engine's log-probs at each model turn's tokens (0 elsewhere), laid out as
+    conversation_rollout's completion_ids; None unless every turn came with them."""
+    if not all(t.sampler_logp is not None for c in conversations for t in c.turns):
+        return None
+    out = torch.zeros(len(conversations), tail)
+    for row, c in enumerate(conversations):
+        conv = c.conversation
+        shift = tail - conv.input_ids().numel()  # tail position of sequence position p: p + shift
+        written = [t for t in c.turns if t.tokens > 0]  # a turn of no tokens added nothing to the conversation
+        for (start, end), turn in zip(conv.turn_spans(), written):
+            out[row, start + shift:end + shift] = torch.tensor(turn.sampler_logp)
+    return out
 
 
 def turn_seed(seed: int | None, turn: int) -> int | None:
