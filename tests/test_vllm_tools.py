@@ -32,7 +32,8 @@ TOOLS = ["tools.enabled=true", "tools.names=[rotate]", "tools.max_turns=2", "grp
 
 
 def call_text(angle):
-    return f'<think>it is tilted</think><tool_call>\n{{"name": "rotate", "arguments": {{"angle": {angle}}}}}\n</tool_call>'
+    call = f'{{"name": "rotate", "arguments": {{"angle": {angle}}}}}'
+    return f"<think>it is tilted</think><tool_call>\n{call}\n</tool_call>"
 
 
 @pytest.fixture(scope="module")
