@@ -93,7 +93,7 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints.txt tests/vllm_env/torchvisi
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q -m "not slow and not gpu and not deepspeed" tests/test_vllm.py tests/test_rollout_engines.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m "not slow and not gpu and not deepspeed" tests/test_vllm.py tests/test_vllm_tools.py tests/test_rollout_engines.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -42,7 +42,7 @@ class Script:
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.calls, self.turn_of = [], [0] * len(scripts)
 
-    def __call__(self, inputs, images_per_row, group_size, turn, prompt_rows):
+    def __call__(self, inputs, images_per_row, group_size, turn, prompt_rows, row_images):
         self.calls.append((inputs["input_ids"].size(0), list(images_per_row), group_size, turn, list(prompt_rows)))
         live = [i for i, s in enumerate(self.scripts) if len(s) > turn and self._alive(i, turn)]
         rows = []
@@ -158,7 +158,7 @@ def _script_two_conversations(processor):
 
 class _Finished:
     def __init__(self, conversation):
-        self.conversation, self.truncated, self.final_text = conversation, False, ""
+        self.conversation, self.truncated, self.final_text, self.turns = conversation, False, "", []
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "smolvlm", "glm4v"])

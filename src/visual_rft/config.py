@@ -487,9 +487,6 @@ def _validate_tools(cfg: Config) -> None:
         raise ConfigError(f"tools.zoom_pixels must be >= 64 pixels (or null), got {t.zoom_pixels}")
     if t.call_reward < 0:
         raise ConfigError(f"tools.call_reward must be >= 0, got {t.call_reward}")
-    if cfg.grpo.rollout == "vllm":
-        raise ConfigError("tools.enabled with grpo.rollout=vllm: multi-turn tool rollouts run on the hf engine "
-                          "only so far (README 'Thinking with images'); set grpo.rollout=hf")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -38,7 +38,7 @@ Sample = Callable[[dict[str, torch.Tensor], int, list[int]], tuple[torch.Tensor,
 def sampling_draw(sample: Sample) -> Draw:
     """The loop's draw over a plain generate function (no rollout engine, no seeds per turn)."""
     def draw(inputs: dict[str, torch.Tensor], images_per_row: list[int], group_size: int, turn: int,
-             prompt_rows: list[int]) -> Generation:
+             prompt_rows: list[int], row_images: list[Any]) -> Generation:
         ids, mask, texts = sample(inputs, group_size, images_per_row)
         return Generation(ids, mask, texts)
 

@@ -29,9 +29,10 @@ from visual_rft.tools.conversation import Conversation, batch_inputs
 from visual_rft.runtime import resolve_box_space
 from visual_rft.tools.registry import ToolSettings, ToolSpec, respond, select_tools, tools_prompt
 
-# draw(inputs, images_per_row, group_size, turn, prompt_rows) -> one turn of every input row; prompt_rows[i]
-# is the prompt (index into the rollout's records) that input row i continues.
-Draw = Callable[[dict[str, torch.Tensor], list[int], int, int, list[int]], Generation]
+# draw(inputs, images_per_row, group_size, turn, prompt_rows, row_images) -> one turn of every input row;
+# prompt_rows[i] is the prompt (index into the rollout's records) that input row i continues, row_images[i]
+# that row's images in order (the prompt's, then the tools'), for engines that take token prompts (vLLM).
+Draw = Callable[[dict[str, torch.Tensor], list[int], int, int, list[int], list[list[Image.Image]]], Generation]
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ToolTurn:
     call: dict[str, Any] | None = None  # {"name", "arguments"} of a call that parsed
     error: str | None = None  # the ErrorKind value of a call that could not run
     result: str | None = None  # the tool's answer text (None: the final turn)
+    sampler_logp: list[float] | None = None  # the engine's log-probs of the turn's tokens (vLLM), if it gave them
 
     def row(self) -> dict[str, Any]:
         return {"text": self.text, "call": self.call, "error": self.error, "result": self.result}
@@ -127,7 +129,7 @@ def run_conversations(runner: ToolRunner, processor: Any, images: list[list[Imag
         convs = [done[i].conversation for i in rows]
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_inputs(convs).items()}
         drawn = draw(inputs, [len(c.images) for c in convs], 1 if turn else group_size, turn,
-                     [i // group_size for i in rows])
+                     [i // group_size for i in rows], [list(c.images) for c in convs])
         last = turn == runner.max_turns - 1
         live = [i for row, i in enumerate(live) if _add_turn(runner, done[i], drawn, row, set(eos_ids), last=last)]
     return done
@@ -139,23 +141,25 @@ def _add_turn(runner: ToolRunner, conv: ToolConversation, drawn: Generation, row
     length = int(drawn.mask[row].sum())
     ids = drawn.ids[row, :length].tolist()
     text = drawn.texts[row]
+    logp = drawn.sampler_logp[row, :length].tolist() if drawn.sampler_logp is not None else None
     ended = bool(ids) and ids[-1] in eos
     if ids:
         conv.conversation.add_model_turn(ids)
     if not ended or last:  # no end token to continue after, or no turn left: the rollout stops here
         turn = classify_turn(text, runner.tools, thinking=runner.thinking)
         conv.truncated = not ended or turn.kind is TurnKind.TOOL_CALL
-        conv.turns.append(_record(turn, text, length, result=None))
+        conv.turns.append(_record(turn, text, length, result=None, logp=logp))
         return False
     turn = runner.answer(conv.conversation, text)
     result = conv.conversation.results[-1][1] if turn.kind is TurnKind.TOOL_CALL else None
-    conv.turns.append(_record(turn, text, length, result))
+    conv.turns.append(_record(turn, text, length, result, logp=logp))
     return turn.kind is TurnKind.TOOL_CALL
 
 
-def _record(turn: Turn, text: str, tokens: int, result: str | None) -> ToolTurn:
+def _record(turn: Turn, text: str, tokens: int, result: str | None, *, logp: list[float] | None = None) -> ToolTurn:
     call = {"name": turn.call.name, "arguments": dict(turn.call.arguments)} if turn.call is not None else None
-    return ToolTurn(text, tokens, turn.well_formed, call, turn.error.kind.value if turn.error else None, result)
+    return ToolTurn(text, tokens, turn.well_formed, call, turn.error.kind.value if turn.error else None, result,
+                    sampler_logp=logp)
 
 
 def conversation_rollout(records: list[Record], prompts: list[str], conversations: list[ToolConversation], *,
@@ -163,13 +167,32 @@ def conversation_rollout(records: list[Record], prompts: list[str], conversation
     """The trainer's Rollout of finished conversations (G per record, in order): every row's whole
     conversation as `sequence_inputs`; completion_ids its last T tokens, T covering every row's turns
     after its prompt; completion_mask 1 on the tokens the model generated there (tool results, their
-    image tokens and the template's markers are 0)."""
+    image tokens and the template's markers are 0); sampler_logp the engine's log-probs on the model's
+    tokens where every turn came with them (vLLM: the mismatch correction), else None."""
     full, tail_ids, mask = written_tail([c.conversation for c in conversations], device)
     rows = [r for r in records for _ in range(group_size)]
+    sampler = _sampler_logp(conversations, tail_ids.size(1))
     return Rollout(rows, [p for p in prompts for _ in range(group_size)], {}, tail_ids, mask,
                    [c.final_text for c in conversations], group_size=group_size,
                    temperature=temperature, truncated=torch.tensor([c.truncated for c in conversations]),
-                   sequence_inputs=full, conversations=conversations)
+                   sequence_inputs=full, conversations=conversations,
+                   sampler_logp=sampler.to(device) if sampler is not None else None)
+
+
+def _sampler_logp(conversations: Sequence[ToolConversation], tail: int) -> torch.Tensor | None:
+    """[N, tail] the engine's log-probs at each model turn's tokens (0 elsewhere), laid out as
+    conversation_rollout's completion_ids; None unless every turn came with them."""
+    turns = [t for c in conversations for t in c.turns]
+    if not turns or any(t.sampler_logp is None for t in turns):
+        return None
+    out = torch.zeros(len(conversations), tail)
+    for row, c in enumerate(conversations):
+        conv = c.conversation
+        shift = tail - conv.input_ids().numel()  # tail position of sequence position p: p + shift
+        written = [t for t in c.turns if t.tokens > 0]  # a turn of no tokens added nothing to the conversation
+        for (start, end), turn in zip(conv.turn_spans(), written):
+            out[row, start + shift:end + shift] = torch.tensor(turn.sampler_logp)
+    return out
 
 
 def written_tail(conversations: Sequence[Conversation], device: torch.device | str = "cpu"

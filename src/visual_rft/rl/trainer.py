@@ -117,12 +117,13 @@ class GRPOTrainer:
         images, prompts = prompt_parts(batch, self.cfg)
         paths: dict[str, bool] = {}
 
-        def draw(inputs, images_per_row, group_size, turn, prompt_rows):
+        def draw(inputs, images_per_row, group_size, turn, prompt_rows, row_images):
             if turn == 0 and inputs["input_ids"].size(1) > self.g.max_prompt_length:
                 raise ValueError(f"prompt of {inputs['input_ids'].size(1)} tokens (the tools' system text included) "
                                  f"exceeds grpo.max_prompt_length={self.g.max_prompt_length}")
             request = RolloutRequest([batch[i] for i in prompt_rows], inputs, images_per_row, group_size,
-                                     turn_seed(seed, turn), pixel_rows=pixel_rows_per_prompt(self.processor, inputs))
+                                     turn_seed(seed, turn), pixel_rows=pixel_rows_per_prompt(self.processor, inputs),
+                                     row_images=row_images)
             drawn = self.rollout_engine.generate(self.model, request)
             if turn == 0:
                 paths.update(drawn.paths)

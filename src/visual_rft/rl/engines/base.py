@@ -23,6 +23,9 @@ class RolloutRequest:
     # what group_inputs were made from (runtime.prompt_parts), for engines that take raw prompts
     images: list[list[Any]] | None = None  # each prompt's images, sized as the processor got them
     prompts: list[str] | None = None  # each prompt's question text (before the chat template)
+    # token prompts (tool conversations, whose rows are not one question): each row's images in order,
+    # for engines that take the row's ids from group_inputs and need its images beside them
+    row_images: list[list[Any]] | None = None
 
 
 @dataclass

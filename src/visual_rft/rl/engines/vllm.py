@@ -7,6 +7,15 @@ are prepacked, so the GPU recipe's model.load_weights has nothing to copy into t
 encoder and prefix caches are cleared after each sync, or images seen before would reuse features of
 the old weights. Log-probs are vLLM's processed ones: those of the distribution it drew from
 (temperature, suppressed vision tokens, top-k / top-p), the ones importance sampling needs.
+
+Prompts: a one-turn rollout hands vLLM the chat text and images (vLLM tokenizes and expands them); a
+tool conversation's turn (no question texts: request.row_images) hands it the row's token ids, the
+model's earlier turns as it generated them. vLLM 0.32 always applies its image prompt updates to token
+prompts (Qwen2-VL: each `<|image_pad|>` target becomes the image's run of them), so ids whose images
+are already expanded would be expanded twice (measured on the tiny Qwen2-VL: 134 ids with 8 pads in,
+140 ids with 14 pads out). Each image's expansion is therefore folded back to the placeholder the
+template writes (the processor's image token) before vLLM gets the ids, and vLLM expands it again; its
+prompt ids are checked to equal the trainer's, as for text prompts.
 """
 
 from __future__ import annotations
@@ -63,7 +72,9 @@ class VLLMRolloutEngine:
         self.eos = eos_token_ids(policy, self.tokenizer)
         self.bad_words = self._suppressed_words(suppress_ids)
         self.cuda = self.device.type == "cuda"
-        self.llm = self._start(policy, max_images)
+        self.tool_turns = cfg.tools.max_turns if cfg.tools.enabled else 1
+        # a tool conversation gains an image per tool result: up to max_turns - 1 more than its prompt's
+        self.llm = self._start(policy, max_images + self.tool_turns - 1)
         self.asleep = False
 
     # ------------------------------------------------------------------ start-up
@@ -106,6 +117,9 @@ class VLLMRolloutEngine:
         if self.v.max_model_len:
             return self.v.max_model_len
         wanted = self.g.max_prompt_length + self.g.max_completion_length
+        # tool conversations: every turn adds a completion and a tool result (an image, at most about
+        # as large as a prompt's); a turn whose prompt leaves no room for a completion is refused below
+        wanted *= self.tool_turns
         limit = getattr(policy.config.get_text_config(), "max_position_embeddings", None)
         return min(wanted, limit) if limit else wanted
 
@@ -148,6 +162,44 @@ class VLLMRolloutEngine:
             prompts.append({"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}})
         return prompts
 
+    def _token_prompts(self, request: RolloutRequest) -> list[dict[str, Any]]:
+        """Each row's unpadded ids (its images folded back to their placeholders) and its images."""
+        if request.row_images is None:
+            raise ValueError("a rollout request without question texts needs each row's images (row_images)")
+        limit = self.llm.llm_engine.vllm_config.model_config.max_model_len
+        prompts = []
+        for row, images in enumerate(request.row_images):
+            ids = request.group_inputs["input_ids"][row][request.group_inputs["attention_mask"][row].bool()].tolist()
+            if len(ids) + self.g.max_completion_length > limit:
+                raise ValueError(f"a tool conversation of {len(ids)} tokens leaves no room for a "
+                                 f"{self.g.max_completion_length}-token turn within vLLM's max_model_len={limit}; "
+                                 "raise grpo.vllm.max_model_len")
+            prompts.append({"prompt_token_ids": self._fold_images(ids, images, row),
+                            "multi_modal_data": {"image": images if len(images) > 1 else images[0]}})
+        return prompts
+
+    def _fold_images(self, ids: list[int], images: list[Any], row: int) -> list[int]:
+        """`ids` with each image's expansion (the processor's output for its image token and that image
+        alone, found in order) replaced by the image token: the prompt vLLM expands itself."""
+        token = getattr(self.processor, "image_token", None)
+        if token is None:
+            raise ValueError(f"{type(self.processor).__name__} names no image token; vLLM cannot take its token "
+                             "prompts (use grpo.rollout=hf for tool rollouts)")
+        placeholder = self.tokenizer.encode(token, add_special_tokens=False)
+        folded, start = [], 0
+        for k, image in enumerate(images):
+            expanded = self.processor(text=[token], images=[[image]], add_special_tokens=False,
+                                      return_tensors="pt")["input_ids"][0].tolist()
+            at = next((i for i in range(start, len(ids) - len(expanded) + 1) if ids[i:i + len(expanded)] == expanded),
+                      None)
+            if at is None:
+                raise RuntimeError(f"row {row}: image {k}'s tokens (the processor's expansion of {token!r}) are not "
+                                   "in the prompt ids; vLLM cannot take this family's token prompts "
+                                   "(use grpo.rollout=hf for tool rollouts)")
+            folded += ids[start:at] + placeholder
+            start = at + len(expanded)
+        return folded + ids[start:]
+
     def _params(self, base_seed: int, rows: int, group_size: int) -> list[Any]:
         from vllm import SamplingParams
 
@@ -161,7 +213,9 @@ class VLLMRolloutEngine:
     def generate(self, model: Any, request: RolloutRequest) -> Generation:
         seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
         params = self._params(seed, len(request.records), request.group_size)
-        outputs = self.llm.generate(self._prompts(request), params, use_tqdm=False)
+        # question texts: the one-turn prompt as text; none (a tool conversation's turn): token prompts
+        prompts = self._prompts(request) if request.prompts is not None else self._token_prompts(request)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self._check_prompts(outputs, request.group_inputs)
         copies = request.group_size if self.g.temperature == 0 else 1
         samples = [sample for out in outputs for sample in sorted(out.outputs, key=lambda s: s.index)
