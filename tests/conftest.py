@@ -61,3 +61,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TOOL_WARMUP = ["data.train=embedded:mnist_rotated", "data.limit=32", "data.image_size=null", "tools.enabled=true",
+               "tools.names=[rotate]", "sft.max_steps=45", "sft.batch_size=8", "sft.optim.learning_rate=2e-3",
+               "output.save_steps=0", "output.progress=false", "eval.steps=-1"]
+
+
+@pytest.fixture(scope="session")
+def tool_warmup(tiny_model_dir, tmp_path_factory):
+    """The tiny model after a 45-step SFT on rotate trajectories (~45 s on one thread): it writes a
+    well-formed rotate call as its first turn (tests/test_tool_sft.py measures how often). Returns
+    (config, run folder); the model is the run folder's checkpoint."""
+    from visual_rft.sft import train_sft
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(DEMO_CONFIG, [f"model.name_or_path={tiny_model_dir}", *TOOL_WARMUP,
+                                        f"output.dir={tmp_path_factory.mktemp('tool_warmup') / 'run'}"])
+        return cfg, train_sft(cfg, None)
+    finally:
+        torch.set_num_threads(threads)

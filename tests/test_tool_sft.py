@@ -184,16 +184,14 @@ def _first_turn_calls(cfg, path, records):
     return sum(called) / len(called), sum(right) / len(right)
 
 
-def test_a_short_warm_up_teaches_the_tiny_model_to_call(tool_cfg):
+def test_a_short_warm_up_teaches_the_tiny_model_to_call(tool_warmup, tiny_model_dir, one_thread):
     # Measured (one thread): call rate 0.0 before; after 45 steps 1.0 (every greedy first turn the
     # exact trajectory layout; the angle right on 0.47, i.e. always the commonest undo). 30 steps at
     # 3e-3 or 60 at batch 4 still broke the JSON ("}}}"), so the margin is in the steps.
-    cfg = tool_cfg("data.train=embedded:mnist_rotated", "data.limit=32", "sft.max_steps=45", "sft.batch_size=8",
-                   "sft.optim.learning_rate=2e-3", "output.save_steps=0")
+    cfg, out = tool_warmup  # conftest.TOOL_WARMUP: 45 steps, batch 8, lr 2e-3, 32 rotated digits
     records = load_split(cfg)
     assert all(len(r.fields["tool_calls"]) == 1 for r in records)
-    before, _ = _first_turn_calls(cfg, None, records)
-    out = train_sft(cfg, records)
+    before, _ = _first_turn_calls(cfg, tiny_model_dir, records)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     after, right = _first_turn_calls(cfg, next(out.glob("checkpoint-*")) / "model", records)
     assert before < 0.1 and after > 0.8, (before, after)
