@@ -7,12 +7,14 @@ The task: MNIST digits turned by 0, 90, 180 or 270 degrees (`embedded:mnist_rota
 whether to call is itself a decision); the tiny Qwen2-VL sees each digit at 56 x 56. Per seed, from one
 tiny model (its tokenizer trained with the tool listing and the calls, so a call is ~30 tokens, not 64):
 
-    direct   SFT on direct answers (tools off) -> eval without tools -> GRPO without tools -> eval
-    tools    SFT on tool trajectories (a rotate call that sets the digit upright, then the answer; none for
-             upright digits) -> eval with tools -> GRPO with tools -> eval with tools
+    base     SFT on upright digits, direct answers (the demo's warm-up: the model learns to read digits)
+    direct   base -> SFT on rotated digits, direct answers (tools off) -> eval without tools
+                  -> GRPO without tools -> eval
+    tools    base -> SFT on tool trajectories (a rotate call that sets the digit upright, then the answer;
+                  none for upright digits) -> eval with tools -> GRPO with tools -> eval with tools
 
-Both arms see the same records, steps, batch sizes and learning rates; the held-out digits are disjoint
-from the training ones. Everything runs through the command line (`visual-rft sft / train / eval`), one
+Both arms see the same records, steps, batch sizes and learning rates; the warm-up, training and held-out
+digits are disjoint. Everything runs through the command line (`visual-rft sft / train / eval`), one
 process at a time, one thread. Writes OUT/results.jsonl (one row per seed x arm x stage), OUT/table.md.
 """
 
@@ -44,19 +46,23 @@ def tokenizer_corpus(cfg_overrides: list[str]) -> list[str]:
     return [listing] * 4 + calls * 8 + [cfg.task.question, cfg.task.instruction, cfg.sft.think]
 
 
-def write_splits(out: Path, seed: int, train: int, test: int) -> tuple[Path, Path]:
-    """Disjoint train / held-out splits of rotated digits (class-balanced, shuffled by `seed`)."""
+def write_splits(out: Path, seed: int, sizes: dict[str, int]) -> dict[str, Path]:
+    """Disjoint splits of the 5,000 digits (shuffled by `seed`): `warmup` upright, `train` and `test`
+    rotated by a seeded choice of ANGLES."""
     from visual_rft.data.fewshot import write_split
     from visual_rft.data.tool_digits import rotated_digit_records
 
-    records = rotated_digit_records(seed=seed, angles=ANGLES)
-    random.Random(seed).shuffle(records)
-    paths = []
-    for name, part in (("train", records[:train]), ("test", records[train:train + test])):
+    turned, upright = rotated_digit_records(seed=seed, angles=ANGLES), rotated_digit_records(seed=seed, angles=(0,))
+    order = list(range(len(turned)))
+    random.Random(seed).shuffle(order)
+    paths, start = {}, 0
+    for name, size in sizes.items():
+        part = [(upright if name == "warmup" else turned)[i] for i in order[start:start + size]]
+        start += size
         folder = out / f"data-{name}"
-        paths.append(folder / "data.jsonl" if (folder / "data.jsonl").exists()
-                     else write_split(part, folder, meta={"seed": seed, "angles": list(ANGLES)}))
-    return paths[0], paths[1]
+        paths[name] = folder / "data.jsonl" if (folder / "data.jsonl").exists() else write_split(
+            part, folder, meta={"seed": seed, "angles": [0] if name == "warmup" else list(ANGLES)})
+    return paths
 
 
 def cli(*args: str) -> None:
@@ -66,24 +72,34 @@ def cli(*args: str) -> None:
         raise SystemExit(f"visual-rft {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
+def _trained(run: Path) -> bool:
+    return any(run.glob("checkpoint-*/model"))
+
+
 def run_seed(out: Path, seed: int, quick: bool) -> list[dict]:
     from visual_rft.models.tiny import build_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
-    train, test = write_splits(out, seed, 64 if quick else 2000, 40 if quick else 500)
+    sizes = {"warmup": 64, "train": 64, "test": 40} if quick else {"warmup": 3000, "train": 1500, "test": 500}
+    splits = write_splits(out, seed, sizes)
     model = out / "model"
     if not (model / "config.json").exists():
         build_tiny_model(model, seed=seed, vocab_size=1024, corpus=tokenizer_corpus([]))
     steps = ["sft.max_steps=4", "grpo.max_steps=2", "eval.batch_size=20"] if quick else []
-    common = [f"data.train={train}", f"data.eval={test}", "data.limit=null", f"sft.seed={seed}", f"grpo.seed={seed}",
-              "output.progress=false", "eval.steps=-1", *steps]
+    common = [f"data.train={splits['train']}", f"data.eval={splits['test']}", "data.limit=null",
+              f"sft.seed={seed}", f"grpo.seed={seed}", "output.progress=false", "eval.steps=-1", *steps]
+    base = out / "base"
+    if not _trained(base):  # the demo's warm-up: reading upright digits, one turn
+        cli("sft", str(CONFIG), f"model.name_or_path={model}", f"output.dir={base}", *common,
+            f"data.train={splits['warmup']}", "tools.enabled=false", "sft.batch_size=32", "sft.optim.learning_rate=1e-3",
+            "sft.max_steps=4" if quick else "sft.max_steps=300")
     rows = []
     for arm, tools in (("direct", "false"), ("tools", "true")):
         arm_args = [*common, f"tools.enabled={tools}"]
         sft_dir, rl_dir = out / f"{arm}-sft", out / f"{arm}-grpo"
-        if not (sft_dir / "model").exists() and not any(sft_dir.glob("checkpoint-*")):
-            cli("sft", str(CONFIG), f"model.name_or_path={model}", f"output.dir={sft_dir}", *arm_args)
-        if not any(rl_dir.glob("checkpoint-*")):
+        if not _trained(sft_dir):
+            cli("sft", str(CONFIG), f"model.name_or_path={base}", f"output.dir={sft_dir}", *arm_args)
+        if not _trained(rl_dir):
             cli("train", str(CONFIG), f"model.name_or_path={sft_dir}", f"output.dir={rl_dir}", *arm_args)
         for stage, run in (("sft", sft_dir), ("sft+grpo", rl_dir)):
             evaluated = out / f"eval-{arm}-{stage.replace('+', '-')}"
