@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo sweep sweep-prior sweep-seeds test test-all test-engines test-lowest test-vllm clean
+.PHONY: setup demo sweep sweep-prior sweep-seeds tools-study test test-all test-engines test-lowest test-vllm clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ SEEDS_ARGS = "sweep.ks=[1,4]" "sweep.methods=[sft,rft,rft_nothink]" "sweep.base_
 sweep-seeds: setup
 	OMP_NUM_THREADS=$(SWEEP_THREADS) $(VENV)/bin/visual-rft sweep --out runs/sweep_digits_10seeds \
 	  configs/sweep_digits.yaml $(SEEDS_ARGS)
+
+# Thinking with images (README "Thinking with images"): the tiny model with and without the rotate tool,
+# SFT then GRPO, 3 seeds, into runs/tool_study (table.md, results.jsonl; one thread per seed process).
+tools-study: setup
+	OMP_NUM_THREADS=1 $(PY) bench/tool_study.py --out runs/tool_study
 
 test: setup
 	$(PY) -m pytest -q

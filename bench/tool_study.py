@@ -93,7 +93,7 @@ def run_seed(out: Path, seed: int, quick: bool) -> list[dict]:
         cli("sft", str(CONFIG), f"model.name_or_path={model}", f"output.dir={base}", *common,
             f"data.train={splits['warmup']}", "tools.enabled=false", "sft.batch_size=32", "sft.optim.learning_rate=1e-3",
             "sft.max_steps=4" if quick else "sft.max_steps=300")
-    rows = []
+    rows = [evaluate(out, "base", "warm-up", base, [*common, "tools.enabled=false"], seed)]
     for arm, tools in (("direct", "false"), ("tools", "true")):
         arm_args = [*common, f"tools.enabled={tools}"]
         sft_dir, rl_dir = out / f"{arm}-sft", out / f"{arm}-grpo"
@@ -101,15 +101,24 @@ def run_seed(out: Path, seed: int, quick: bool) -> list[dict]:
             cli("sft", str(CONFIG), f"model.name_or_path={base}", f"output.dir={sft_dir}", *arm_args)
         if not _trained(rl_dir):
             cli("train", str(CONFIG), f"model.name_or_path={sft_dir}", f"output.dir={rl_dir}", *arm_args)
-        for stage, run in (("sft", sft_dir), ("sft+grpo", rl_dir)):
-            evaluated = out / f"eval-{arm}-{stage.replace('+', '-')}"
-            if not (evaluated / "metrics.json").exists():
-                cli("eval", str(CONFIG), f"model.name_or_path={run}", f"output.dir={evaluated}", *arm_args)
-            metrics = json.loads((evaluated / "metrics.json").read_text())
-            rows.append({"seed": seed, "arm": arm, "stage": stage, **metrics})
-            print(f"seed {seed} {arm:6s} {stage:8s} accuracy {metrics['accuracy']:.3f} "
-                  f"call rate {metrics.get('tool/call_rate', 0.0):.3f}", flush=True)
+        rows += [evaluate(out, arm, stage, run, arm_args, seed) for stage, run in (("sft", sft_dir),
+                                                                                 ("sft+grpo", rl_dir))]
     return rows
+
+
+def evaluate(out: Path, arm: str, stage: str, run: Path, args: list[str], seed: int) -> dict:
+    """`visual-rft eval` of a run on the held-out digits (once), with the accuracy per rotation."""
+    evaluated = out / f"eval-{arm}-{stage.replace('+', '-')}"
+    if not (evaluated / "metrics.json").exists():
+        cli("eval", str(CONFIG), f"model.name_or_path={run}", f"output.dir={evaluated}", *args)
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    predictions = [json.loads(line) for line in (evaluated / "predictions.jsonl").read_text().splitlines()]
+    for angle in ANGLES:  # the source ends in @rot<angle> (data/tool_digits.py)
+        hits = [p["accuracy"] for p in predictions if p["source"].endswith(f"@rot{angle}")]
+        metrics[f"accuracy_rot{angle}"] = statistics.fmean(hits) if hits else 0.0
+    print(f"seed {seed} {arm:6s} {stage:8s} accuracy {metrics['accuracy']:.3f} "
+          f"call rate {metrics.get('tool/call_rate', 0.0):.3f}", flush=True)
+    return {"seed": seed, "arm": arm, "stage": stage, **metrics}
 
 
 def _interval(values: list[float]) -> str:
@@ -124,15 +133,16 @@ def table(rows: list[dict]) -> str:
     """Mean [95% CI] over seeds per arm and stage, and the tools - direct gap paired by seed."""
     from visual_rft.report.stats import paired_gap
 
-    keys = ("accuracy", "format_rate", "tool/call_rate", "tool/calls_mean", "tool/call_error_rate")
+    keys = ("accuracy", *(f"accuracy_rot{a}" for a in ANGLES), "format_rate", "tool/call_rate", "tool/calls_mean",
+            "tool/call_error_rate")
     lines = [f"n = {len({r['seed'] for r in rows})} seeds; mean [95% CI]", "",
              "| arm | stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for arm in ("direct", "tools"):
-        for stage in ("sft", "sft+grpo"):
-            cells = [r for r in rows if r["arm"] == arm and r["stage"] == stage]
-            if cells:
-                lines.append(f"| {arm} | {stage} | " + " | ".join(
-                    _interval([float(r.get(k, 0.0)) for r in cells]) for k in keys) + " |")
+    for arm, stage in (("base", "warm-up"), ("direct", "sft"), ("direct", "sft+grpo"), ("tools", "sft"),
+                       ("tools", "sft+grpo")):
+        cells = [r for r in rows if r["arm"] == arm and r["stage"] == stage]
+        if cells:
+            lines.append(f"| {arm} | {stage} | " + " | ".join(
+                _interval([float(r.get(k) or 0.0) for r in cells]) for k in keys) + " |")
     lines.append("")
     for stage in ("sft", "sft+grpo"):
         pairs = {(r["seed"], r["arm"]): r["accuracy"] for r in rows if r["stage"] == stage}
