@@ -121,9 +121,12 @@ def evaluate(out: Path, arm: str, stage: str, run: Path, args: list[str], seed: 
     return {"seed": seed, "arm": arm, "stage": stage, **metrics}
 
 
-def _interval(values: list[float]) -> str:
+def _interval(values: list[float | None]) -> str:
     from visual_rft.report.stats import mean_interval
 
+    values = [v for v in values if v is not None]  # e.g. accuracy with a call where nothing called
+    if not values:
+        return "-"
     mean = statistics.fmean(values)
     est = mean_interval(mean, statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
     return f"{mean:.3f}" if est["low"] is None else f"{mean:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
@@ -134,7 +137,7 @@ def table(rows: list[dict]) -> str:
     from visual_rft.report.stats import paired_gap
 
     keys = ("accuracy", *(f"accuracy_rot{a}" for a in ANGLES), "format_rate", "tool/call_rate", "tool/calls_mean",
-            "tool/call_error_rate")
+            "tool/call_error_rate", "tool/accuracy_with_call", "tool/accuracy_without_call")
     lines = [f"n = {len({r['seed'] for r in rows})} seeds; mean [95% CI]", "",
              "| arm | stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for arm, stage in (("base", "warm-up"), ("direct", "sft"), ("direct", "sft+grpo"), ("tools", "sft"),
@@ -142,7 +145,7 @@ def table(rows: list[dict]) -> str:
         cells = [r for r in rows if r["arm"] == arm and r["stage"] == stage]
         if cells:
             lines.append(f"| {arm} | {stage} | " + " | ".join(
-                _interval([float(r.get(k) or 0.0) for r in cells]) for k in keys) + " |")
+                _interval([r.get(k, 0.0) for r in cells]) for k in keys) + " |")
     lines.append("")
     for stage in ("sft", "sft+grpo"):
         pairs = {(r["seed"], r["arm"]): r["accuracy"] for r in rows if r["stage"] == stage}
