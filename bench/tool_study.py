@@ -76,7 +76,7 @@ def _trained(run: Path) -> bool:
     return any(run.glob("checkpoint-*/model"))
 
 
-def run_seed(out: Path, seed: int, quick: bool) -> list[dict]:
+def run_seed(out: Path, seed: int, quick: bool, warmup_steps: int = 300) -> list[dict]:
     from visual_rft.models.tiny import build_tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def run_seed(out: Path, seed: int, quick: bool) -> list[dict]:
     if not _trained(base):  # the demo's warm-up: reading upright digits, one turn
         cli("sft", str(CONFIG), f"model.name_or_path={model}", f"output.dir={base}", *common,
             f"data.train={splits['warmup']}", "tools.enabled=false", "sft.batch_size=32", "sft.optim.learning_rate=1e-3",
-            "sft.max_steps=4" if quick else "sft.max_steps=300")
+            "sft.max_steps=4" if quick else f"sft.max_steps={warmup_steps}")
     rows = [evaluate(out, "base", "warm-up", base, [*common, "tools.enabled=false"], seed)]
     for arm, tools in (("direct", "false"), ("tools", "true")):
         arm_args = [*common, f"tools.enabled={tools}"]
@@ -113,9 +113,11 @@ def evaluate(out: Path, arm: str, stage: str, run: Path, args: list[str], seed: 
         cli("eval", str(CONFIG), f"model.name_or_path={run}", f"output.dir={evaluated}", *args)
     metrics = json.loads((evaluated / "metrics.json").read_text())
     predictions = [json.loads(line) for line in (evaluated / "predictions.jsonl").read_text().splitlines()]
-    for angle in ANGLES:  # the source ends in @rot<angle> (data/tool_digits.py)
-        hits = [p["accuracy"] for p in predictions if p["source"].endswith(f"@rot{angle}")]
-        metrics[f"accuracy_rot{angle}"] = statistics.fmean(hits) if hits else 0.0
+    split = out / "data-test" / "data.jsonl"  # predictions come in the split's order; its rows keep `rotation`
+    turned = [json.loads(line)["rotation"] for line in split.read_text().splitlines()]
+    for angle in ANGLES:
+        hits = [p["accuracy"] for p, rotation in zip(predictions, turned) if rotation == angle]
+        metrics[f"accuracy_rot{angle}"] = statistics.fmean(hits) if hits else None
     print(f"seed {seed} {arm:6s} {stage:8s} accuracy {metrics['accuracy']:.3f} "
           f"call rate {metrics.get('tool/call_rate', 0.0):.3f}", flush=True)
     return {"seed": seed, "arm": arm, "stage": stage, **metrics}
@@ -162,10 +164,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "tool_study")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="a few steps and records: checks the pipeline")
+    parser.add_argument("--warmup-steps", type=int, default=300,
+                        help="steps of the base's warm-up on upright digits (batch 32; the demo's 300 by default)")
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
-        rows += run_seed(args.out / f"seed{seed}", seed, args.quick)
+        rows += run_seed(args.out / f"seed{seed}", seed, args.quick, args.warmup_steps)
         with open(args.out / "results.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
     (args.out / "table.md").write_text(table(rows))
