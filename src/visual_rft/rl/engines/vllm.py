@@ -21,7 +21,6 @@ prompt ids are checked to equal the trainer's, as for text prompts.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import os
 import sys
