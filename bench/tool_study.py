@@ -106,6 +106,12 @@ def run_seed(out: Path, seed: int, quick: bool, warmup_steps: int = 300) -> list
     return rows
 
 
+def _turned_by(turns: list[dict]) -> int:
+    """The total rotation the conversation's calls that ran applied to the digit (degrees, mod 360)."""
+    calls = [t["call"] for t in turns if t.get("call") and t.get("error") is None and t.get("result") is not None]
+    return sum(c["arguments"]["angle"] for c in calls if c["name"] == "rotate") % 360
+
+
 def evaluate(out: Path, arm: str, stage: str, run: Path, args: list[str], seed: int) -> dict:
     """`visual-rft eval` of a run on the held-out digits (once), with the accuracy per rotation."""
     evaluated = out / f"eval-{arm}-{stage.replace('+', '-')}"
@@ -114,10 +120,13 @@ def evaluate(out: Path, arm: str, stage: str, run: Path, args: list[str], seed: 
     metrics = json.loads((evaluated / "metrics.json").read_text())
     predictions = [json.loads(line) for line in (evaluated / "predictions.jsonl").read_text().splitlines()]
     split = out / "data-test" / "data.jsonl"  # predictions come in the split's order; its rows keep `rotation`
-    turned = [json.loads(line)["rotation"] for line in split.read_text().splitlines()]
+    truth = [json.loads(line) for line in split.read_text().splitlines()]
     for angle in ANGLES:
-        hits = [p["accuracy"] for p, rotation in zip(predictions, turned) if rotation == angle]
+        hits = [p["accuracy"] for p, row in zip(predictions, truth) if row["rotation"] == angle]
         metrics[f"accuracy_rot{angle}"] = statistics.fmean(hits) if hits else None
+    if all("turns" in p for p in predictions):  # tools: did the image end upright (no call = angle 0)?
+        metrics["upright_rate"] = statistics.fmean(float(_turned_by(p["turns"]) == row["undo"])
+                                                   for p, row in zip(predictions, truth))
     print(f"seed {seed} {arm:6s} {stage:8s} accuracy {metrics['accuracy']:.3f} "
           f"call rate {metrics.get('tool/call_rate', 0.0):.3f}", flush=True)
     return {"seed": seed, "arm": arm, "stage": stage, **metrics}
@@ -139,7 +148,7 @@ def table(rows: list[dict]) -> str:
     from visual_rft.report.stats import paired_gap
 
     keys = ("accuracy", *(f"accuracy_rot{a}" for a in ANGLES), "format_rate", "tool/call_rate", "tool/calls_mean",
-            "tool/call_error_rate", "tool/accuracy_with_call", "tool/accuracy_without_call")
+            "tool/call_error_rate", "upright_rate", "tool/accuracy_with_call", "tool/accuracy_without_call")
     lines = [f"n = {len({r['seed'] for r in rows})} seeds; mean [95% CI]", "",
              "| arm | stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for arm, stage in (("base", "warm-up"), ("direct", "sft"), ("direct", "sft+grpo"), ("tools", "sft"),
@@ -147,7 +156,7 @@ def table(rows: list[dict]) -> str:
         cells = [r for r in rows if r["arm"] == arm and r["stage"] == stage]
         if cells:
             lines.append(f"| {arm} | {stage} | " + " | ".join(
-                _interval([r.get(k, 0.0) for r in cells]) for k in keys) + " |")
+                _interval([r.get(k) for r in cells]) for k in keys) + " |")
     lines.append("")
     for stage in ("sft", "sft+grpo"):
         pairs = {(r["seed"], r["arm"]): r["accuracy"] for r in rows if r["stage"] == stage}
