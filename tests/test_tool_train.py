@@ -9,12 +9,16 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from visual_rft.config import ConfigError, load_config
+from visual_rft.report.build import write_report
+from visual_rft.report.images import render_image
 from visual_rft.rewards import task_rewards
 from visual_rft.rl.engines.base import Generation
 from visual_rft.rl.trainer import GRPOTrainer
 from visual_rft.runtime import load_split
+from visual_rft.tools.images import rotate
 
 CALL = '<think>turned</think><tool_call>\n{"name": "rotate", "arguments": {"angle": 90}}\n</tool_call>'
 
@@ -85,6 +89,18 @@ def test_a_step_over_tool_calls_scores_whole_conversations(tool_cfg, one_thread)
     assert rollout.completion_mask.sum(1).tolist() == generated
     assert metrics["completion_length"] == sum(generated) / 8
     assert metrics["grad_norm"] > 0
+    # the sampled rows keep every turn and the images the tools made (2 calls in each of the 2 groups); the
+    # report shows them beside the call
+    trainer._log(1, metrics, rollouts)
+    rows = [json.loads(line) for line in (trainer.out / "rollouts.jsonl").read_text().splitlines()]
+    called = rows[0]["turns"][0]
+    assert called["call"] == {"name": "rotate", "arguments": {"angle": 90}}
+    saved = Image.open(trainer.out / called["image"])
+    first = rollout.conversations[0].conversation
+    assert saved.tobytes() == rotate(first.images[0], 90).tobytes() == first.tool_images[0].tobytes()
+    assert "image" not in rows[1]["turns"][0]  # a direct answer: no tool image
+    html = write_report([trainer.out], trainer.out / "report.html").read_text()
+    assert html.count('class="tool-image"') == 4 and render_image(trainer.out / called["image"]) in html
 
 
 def test_tool_runs_refuse_what_they_cannot_do(tool_cfg):

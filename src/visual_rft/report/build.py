@@ -123,7 +123,7 @@ def gallery(run: Run, ctx: Context, budget: int) -> str:
             color = PALETTE[i % len(PALETTE)] if boxes_i is not None else None
             boxes = boxes or boxes_i
             preds.append(boxes_i.pred if boxes_i else None)
-            views.append(CompletionView(row.get("completion"), row, failed, color, turn_views(row, None)))
+            views.append(CompletionView(row.get("completion"), row, failed, color, turn_views(row, run.path)))
         uri = render_image(hit.image if hit else None, boxes, [v.color for v in views], preds)
         more = f" (+{group.truncated} more completions not shown)" if group.truncated else ""
         meta = f"step {group.step} · {len(group.rows)} completions{more} · source {first.get('source')}"
@@ -202,7 +202,8 @@ MAX_TURNS_SHOWN = 16  # a hostile or runaway row cannot make a card of a thousan
 
 def turn_views(row: dict[str, Any], base: Path | None) -> list[TurnView] | None:
     """A tool conversation's turns (the row's `turns`, tool_eval.py / the trainer's rollouts), each
-    with the image its tool made when the row names a file under `base` (eval's tool_images/);
+    with the image its tool made when the row names a file under `base` (eval's tool_images/, a GRPO
+    run's rollout_images/);
     None for a one-turn row."""
     turns = row.get("turns")
     if not isinstance(turns, list) or not turns:

@@ -388,7 +388,10 @@ class GRPOTrainer:
             self.log.metrics(step, metrics)
         every = self.cfg.output.sample_steps
         if every > 0 and (step % every == 0 or step == 1):
-            self.log.rollouts(step, _rollout_rows(rollouts[0], self.rewards.names))
+            rows = _rollout_rows(rollouts[0], self.rewards.names)
+            if rollouts[0].conversations is not None and self.accelerator.is_main_process:
+                _save_tool_images(rows, rollouts[0].conversations, self.out, step)
+            self.log.rollouts(step, rows)
 
 
 def _merge(key: str, values: list[float]) -> float:
@@ -407,6 +410,22 @@ def _rollout_rows(rollout: Rollout, names: list[str]) -> list[dict[str, Any]]:
         if rollout.conversations is not None:  # every turn and the tool's answer to it
             rows[-1]["turns"] = rollout.conversations[i].rows()
     return rows
+
+
+ROLLOUT_IMAGES = "rollout_images"  # in the run folder: step<N>/<row>-<turn>.png, the images a sampled row's tools made
+
+
+def _save_tool_images(rows: list[dict[str, Any]], conversations: list[Any], out: Path, step: int) -> None:
+    """Each sampled conversation's tool images as PNGs; the turn that called the tool names its file
+    (relative to the run folder), so the report shows the image beside the call."""
+    for row, (entry, conv) in enumerate(zip(rows, conversations)):
+        for turn, (image, _) in enumerate(conv.conversation.results):
+            if image is None:
+                continue
+            relative = Path(ROLLOUT_IMAGES) / f"step{step}" / f"{row}-{turn + 1}.png"
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            image.save(out / relative, format="PNG")
+            entry["turns"][turn]["image"] = relative.as_posix()
 
 
 def train_grpo(cfg: Config, *, resume: bool = False) -> Path:
