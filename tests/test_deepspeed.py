@@ -44,7 +44,7 @@ def _sft_args(model, data, out, *extra):
             "sft.max_steps=3", "sft.optim.learning_rate=1e-3", "sft.batch_size=2", "output.progress=false", *extra]
 
 
-def _run(launcher, target, args, *, env=None, check=True, mixed_precision="no"):
+def _run(launcher, target, args, *, env=None, check=True, mixed_precision="no", timeout=900):
     """`launcher`: None for one plain process, else a launch config's name (2 processes)."""
     prefix = [sys.executable]
     if launcher is not None:
@@ -53,7 +53,7 @@ def _run(launcher, target, args, *, env=None, check=True, mixed_precision="no"):
     target = ["-m", "visual_rft.cli", *target] if isinstance(target, list) else [str(target)]
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([*prefix, *target, *args], cwd=ROOT, env=environ, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=timeout)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -152,6 +152,28 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tiny_model_dir, digits_j
     assert all(torch.equal(c1[k], c2[k]) for k in c1)  # step 2 changed nothing
     assert all(torch.isfinite(t).all() for t in c3.values())
     assert any(not torch.equal(c3[k], c2[k]) for k in c3)  # step 3 trained again
+
+
+def test_zero3_tool_rollouts_with_unequal_turns_on_the_two_ranks(tiny_model_dir, tmp_path):
+    """Rank 0 converses for three turns, rank 1 for one (tests/deepspeed_tool_worker.py). Before: the run
+    hung (timed out at 600 s): transformers' generate syncs every token across processes under ZeRO-3,
+    and DeepSpeed's hooks re-gather each module per forward even inside GatheredParameters. Now the
+    weights are gathered once per conversation batch (RolloutEngine.hold) with the hooks off, and each
+    process decodes on its own."""
+    out = tmp_path / "tools"
+    _run("zero3", Path(__file__).parent / "deepspeed_tool_worker.py",
+         ["configs/demo.yaml", f"model.name_or_path={tiny_model_dir}", "data.train=embedded:mnist_rotated",
+          "data.limit=4", "data.image_size=null", "tools.enabled=true", "tools.names=[rotate]",
+          f"output.dir={out}", "model.dtype=float32", "grpo.max_steps=3", "grpo.num_generations=2",
+          "grpo.per_device_batch_size=1", "grpo.max_completion_length=4", "tools.max_turns=3",
+          "output.progress=false"], timeout=600)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # gathered over both ranks: rank 0's conversations have 3 turns, 2 calls answered and a call cut off
+    # by the turn limit; rank 1's one answer
+    for r in rows:
+        assert (r["tool/turns_mean"], r["tool/calls_mean"], r["tool/call_rate"], r["truncated_frac"]) == \
+            (2.0, 1.0, 0.5, 0.5)
 
 
 def test_zero2_bf16_keeps_fp32_masters_that_learn_at_the_papers_learning_rate(tiny_model_dir, digits_jsonl, tmp_path):

@@ -127,11 +127,41 @@ def fsdp_version(accelerator: Any) -> int:
 
 
 @contextlib.contextmanager
+def _zero3_hooks_off(engine: Any) -> Iterator[None]:
+    """ZeRO-3's module hooks off for the block, back on after. They free a module's parameters after
+    its forward and all-gather them before the next, even inside GatheredParameters: a collective per
+    module per forward. Generation runs as many forwards as its tokens and turns, which differ between
+    processes (a rank whose rows all ended stops early; tool conversations take their own number of
+    turns), so with the hooks on the ranks' collectives stop pairing up and the run hangs (measured:
+    tests/test_deepspeed.py's tool run timed out at 600 s). Gathered, the weights need no hooks."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None) \
+        or getattr(engine, "parameter_offload", None)
+    if offload is None or not hasattr(offload, "_register_deepspeed_module") or not hasattr(offload, "fwd_pre_hook"):
+        yield  # no ZeRO-3 offload object (or a DeepSpeed without this API): nothing to take off
+        return
+    module = offload.module
+    # the start-of-forward hook checks the module trace with rank 0 (a broadcast) while it is being recorded
+    start = module._forward_pre_hooks.get(offload.fwd_pre_hook.id)
+    for param in module.parameters():
+        param.ds_active_sub_modules.clear()
+    for hook in [offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks]:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload._register_deepspeed_module(module)  # (invalidates the trace: the next forward records it)
+        if start is not None:
+            offload.fwd_pre_hook = module.register_forward_pre_hook(start, prepend=True)
+
+
+@contextlib.contextmanager
 def full_weights_for_generation(accelerator: Any, model: Any) -> Iterator[Any]:
     """Yield the policy to sample from, with every weight whole on this rank for the whole block.
 
     - ZeRO-3: all parameters gathered once (deepspeed.zero.GatheredParameters; each rank then holds
-      the full model for the rollout, as in TRL; its per-module hooks find them present).
+      the full model for the rollout, as in TRL) and DeepSpeed's module hooks taken off for the block
+      (_zero3_hooks_off: with them on, every forward re-gathers each module, a collective per module).
     - FSDP-1: the root unit's parameters summoned (nested units gather in their own forward); called
       through the inner module, so FSDP's forward is not re-entered while summoned.
     - FSDP-2, DDP, one process: nothing to gather (FSDP-2's hooks live on the module itself).
@@ -141,7 +171,7 @@ def full_weights_for_generation(accelerator: Any, model: Any) -> Iterator[Any]:
     if kind == DistributedType.DEEPSPEED and zero_stage(accelerator) == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None), _zero3_hooks_off(model):
             yield accelerator.unwrap_model(model)
     elif kind == DistributedType.FSDP and fsdp_version(accelerator) == 1:
         from torch.distributed.fsdp import FullyShardedDataParallel

@@ -93,6 +93,11 @@ def generate(
         # A sampled <|image_pad|> would break the scoring forward ("image features and image
         # tokens do not match"), so vision tokens are never generated.
         suppress_tokens=suppress_ids or None,
+        # transformers syncs every decode step across processes under ZeRO-3 (an all-reduce per token) so
+        # that sharded forwards pair up; ours run on gathered weights with DeepSpeed's hooks off
+        # (engine.full_weights_for_generation), so each process decodes on its own, as many steps and
+        # turns as its own rows need
+        synced_gpus=False,
     )
     if sampling:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
