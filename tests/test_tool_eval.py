@@ -143,7 +143,7 @@ def test_eval_metrics_from_rows_equal_the_trainers_from_conversations(tiny, tiny
     convs = converse(model, processor, records, cfg, "cpu", eval_draw(model, processor, cfg, [1]))
     rows = conversation_rows(convs, records, task_rewards(cfg.task, ["accuracy", "format"], tools=cfg.tools))
     ours = tool_metrics(rows, "accuracy")
-    theirs = summarize_tool_columns(tool_metric_columns(convs))
+    theirs = summarize_tool_columns(tool_metric_columns([c.rows() for c in convs]))
     assert {k: ours[k] for k in theirs} == pytest.approx(theirs)
     assert ours["tool/errors/unknown_tool"] == 0.5 and ours["tool/truncated_rate"] == pytest.approx(1 / 3)
     assert [r["truncated"] for r in rows] == [False, True, False]

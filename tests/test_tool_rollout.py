@@ -126,7 +126,7 @@ def test_conversation_rewards_and_metrics(qwen):
     scores = rewards.score([c.final_text for c in convs], {"solution": ["<answer>7</answer>"] * 4, **columns})
     assert scores["accuracy"] == [1.0, 1.0, 0.0, 0.0] and rewards.total(scores) == [2.5, 2.0, 0.25, 0.0]
     assert task_rewards(cfg.task).names == ["accuracy", "format"]  # without tools: the one-turn rewards
-    metrics = summarize_tool_columns(tool_metric_columns(convs))
+    metrics = summarize_tool_columns(tool_metric_columns([c.rows() for c in convs]))
     assert metrics["tool/call_rate"] == 0.5 and metrics["tool/calls_mean"] == 3 / 4
     assert metrics["tool/turns_mean"] == 7 / 4 and metrics["tool/call_error_rate"] == 1 / 3
     assert metrics["tool/errors/bad_json"] == 1 / 3 and metrics["tool/errors/bad_box"] == 0.0

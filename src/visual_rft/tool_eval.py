@@ -25,9 +25,8 @@ from visual_rft.rewards import RewardSet
 from visual_rft.rl.engines.base import Generation
 from visual_rft.rl.rollout import eos_token_ids, generate
 from visual_rft.rl.tool_rollout import (Draw, ToolConversation, ToolRunner, run_conversations,
-                                        summarize_tool_columns, tool_columns)
+                                        summarize_tool_columns, tool_columns, tool_metric_columns)
 from visual_rft.runtime import prompt_parts
-from visual_rft.tools.calls import ErrorKind
 
 TOOL_IMAGES = "tool_images"  # beside predictions.jsonl: <row>-<k>.png, the k-th image row <row>'s tools made
 
@@ -75,7 +74,7 @@ def conversation_rows(conversations: Sequence[ToolConversation], records: Sequen
     rows = []
     for i, (conv, record, text) in enumerate(zip(conversations, records, texts)):
         parsed = rewards.parse(text, **record.columns())
-        save = None if image_dir is None else _saver(image_dir, f"{TOOL_IMAGES}/{first_row + i}")
+        save = None if image_dir is None else image_saver(image_dir, f"{TOOL_IMAGES}/{first_row + i}")
         rows.append({"source": record.source, "solution": record.solution, "completion": text,
                      "prediction": _jsonable(parsed), "parse_failed": scored.parse_failed[i],
                      "label": record.fields.get("label"), "completion_tokens": conversation_tokens(conv),
@@ -95,7 +94,7 @@ def conversation_fields(conv: ToolConversation, save: Callable[[Any, int], str] 
     image of the conversation) when there is a `save` and the tool returned an image."""
     turns, results, made = [], iter(conv.conversation.results), 0
     for turn in conv.turns:
-        entry = {**turn.row(), "tokens": turn.tokens, "well_formed": turn.well_formed}
+        entry = turn.row()
         if turn.result is not None:
             image, _ = next(results)
             if image is not None:
@@ -106,7 +105,8 @@ def conversation_fields(conv: ToolConversation, save: Callable[[Any, int], str] 
     return {"turns": turns, "tool_calls": len(conv.calls), "truncated": conv.truncated}
 
 
-def _saver(folder: Path, stem: str) -> Callable[[Any, int], str]:
+def image_saver(folder: Path, stem: str) -> Callable[[Any, int], str]:
+    """`save(image, k)` for conversation_fields: folder/<stem>-<k>.png, named relative to `folder`."""
     return lambda image, k: save_png(image, folder, f"{stem}-{k}.png")
 
 
@@ -154,7 +154,7 @@ def tool_metrics(rows: list[dict[str, Any]], headline: str) -> dict[str, Any]:
     accuracy, iou, giou) of the conversations with a call and of those without (None: there are none)."""
     if not rows:
         return {}
-    out = summarize_tool_columns(_metric_table(rows))
+    out = summarize_tool_columns(tool_metric_columns([r["turns"] for r in rows]))
     out["tool/truncated_rate"] = sum(bool(r["truncated"]) for r in rows) / len(rows)
     if "tool_calls_ok" in rows[0]:
         out["tool_calls_ok"] = sum(r["tool_calls_ok"] for r in rows) / len(rows)
@@ -163,17 +163,6 @@ def tool_metrics(rows: list[dict[str, Any]], headline: str) -> dict[str, Any]:
         out[f"tool/{headline}_{name}"] = sum(part) / len(part) if part else None
         out[f"tool/conversations_{name}"] = len(part)
     return out
-
-
-def _metric_table(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """rl/tool_rollout.tool_metric_columns, from rows' turn dicts: a call is a turn the tool answered."""
-    calls = [[t for t in r["turns"] if t["result"] is not None] for r in rows]
-    columns = {"tool/calls": [len(c) for c in calls], "tool/called": [bool(c) for c in calls],
-               "tool/turns": [len(r["turns"]) for r in rows],
-               "tool/call_errors": [sum(t["error"] is not None for t in c) for c in calls]}
-    for kind in ErrorKind:
-        columns[f"tool/errors/{kind.value}"] = [sum(t["error"] == kind.value for t in c) for c in calls]
-    return {key: torch.tensor(values, dtype=torch.float64) for key, values in columns.items()}
 
 
 def headline_reward(names: Sequence[str]) -> str:

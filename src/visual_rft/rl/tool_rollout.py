@@ -24,9 +24,9 @@ from visual_rft.data.record import Record
 from visual_rft.data.targets import qwen_input_size
 from visual_rft.rl.engines.base import Generation
 from visual_rft.rl.rollout import Rollout
+from visual_rft.runtime import resolve_box_space
 from visual_rft.tools.calls import ErrorKind, Turn, TurnKind, classify_turn
 from visual_rft.tools.conversation import Conversation, batch_inputs
-from visual_rft.runtime import resolve_box_space
 from visual_rft.tools.registry import ToolSettings, ToolSpec, respond, select_tools, tools_prompt
 
 # draw(inputs, images_per_row, group_size, turn, prompt_rows, row_images) -> one turn of every input row;
@@ -48,7 +48,9 @@ class ToolTurn:
     sampler_logp: list[float] | None = None  # the engine's log-probs of the turn's tokens (vLLM), if it gave them
 
     def row(self) -> dict[str, Any]:
-        return {"text": self.text, "call": self.call, "error": self.error, "result": self.result}
+        """The turn as logged (rollouts.jsonl, predictions.jsonl) and as the rewards' `tool_turns` column."""
+        return {"text": self.text, "call": self.call, "error": self.error, "result": self.result,
+                "tokens": self.tokens, "well_formed": self.well_formed}
 
 
 @dataclass
@@ -217,18 +219,20 @@ def turn_seed(seed: int | None, turn: int) -> int | None:
 
 def tool_columns(conversations: Sequence[ToolConversation]) -> dict[str, list[Any]]:
     """Reward columns of finished conversations: `tool_turns`, each row's turns as dicts."""
-    return {"tool_turns": [[{**t.row(), "well_formed": t.well_formed} for t in c.turns] for c in conversations],
+    return {"tool_turns": [c.rows() for c in conversations],
             "tool_truncated": [c.truncated for c in conversations]}
 
 
-def tool_metric_columns(conversations: Sequence[ToolConversation]) -> dict[str, torch.Tensor]:
-    """Per-conversation counts [N] for the step's metrics (gathered over processes, then summarized)."""
-    columns = {"tool/calls": [len(c.calls) for c in conversations],
-               "tool/called": [bool(c.calls) for c in conversations],
-               "tool/turns": [len(c.turns) for c in conversations],
-               "tool/call_errors": [sum(t.error is not None for t in c.calls) for c in conversations]}
+def tool_metric_columns(conversations: Sequence[Sequence[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+    """Per-conversation counts [N] for the metrics, from each conversation's turns as dicts (ToolTurn.row:
+    the trainer's conversations, or eval's predictions.jsonl rows); a call is a turn the tool answered.
+    The trainer gathers them over processes, then both summarize them (summarize_tool_columns)."""
+    calls = [[t for t in turns if t["result"] is not None] for turns in conversations]
+    columns = {"tool/calls": [len(c) for c in calls], "tool/called": [bool(c) for c in calls],
+               "tool/turns": [len(turns) for turns in conversations],
+               "tool/call_errors": [sum(t["error"] is not None for t in c) for c in calls]}
     for kind in ErrorKind:
-        columns[f"tool/errors/{kind.value}"] = [sum(t.error == kind.value for t in c.calls) for c in conversations]
+        columns[f"tool/errors/{kind.value}"] = [sum(t["error"] == kind.value for t in c) for c in calls]
     return {key: torch.tensor(values, dtype=torch.float32) for key, values in columns.items()}
 
 

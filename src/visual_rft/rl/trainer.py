@@ -29,6 +29,7 @@ from visual_rft.rl.rollout import Rollout, eos_token_ids, lm_head_weight, repeat
 from visual_rft.rl.tool_rollout import (ToolRunner, conversation_rollout, run_conversations, summarize_tool_columns,
                                         tool_columns, tool_metric_columns, turn_seed)
 from visual_rft.runlog import PhaseTimer, RunLog
+from visual_rft.tool_eval import conversation_fields, image_saver
 from visual_rft.runtime import load_policy, load_split, prompt_batch, prompt_parts
 
 
@@ -357,7 +358,7 @@ class GRPOTrainer:
             for name in self.rewards.names:
                 columns[f"reward/{name}"].append(torch.tensor(r.scores[name]))
         if self.tools is not None:
-            for key, values in tool_metric_columns([c for r in rollouts for c in r.conversations]).items():
+            for key, values in tool_metric_columns([c.rows() for r in rollouts for c in r.conversations]).items():
                 columns[key] = [values]
         local = torch.stack([torch.cat(v) for v in columns.values()], dim=1)
         table = dict(zip(columns, self.accelerator.gather(local.to(self.accelerator.device)).cpu().unbind(1)))
@@ -388,10 +389,9 @@ class GRPOTrainer:
             self.log.metrics(step, metrics)
         every = self.cfg.output.sample_steps
         if every > 0 and (step % every == 0 or step == 1):
-            rows = _rollout_rows(rollouts[0], self.rewards.names)
-            if rollouts[0].conversations is not None and self.accelerator.is_main_process:
-                _save_tool_images(rows, rollouts[0].conversations, self.out, step)
-            self.log.rollouts(step, rows)
+            # tool images are written by the process that writes the log
+            run_dir = self.out if self.accelerator.is_main_process else None
+            self.log.rollouts(step, _rollout_rows(rollouts[0], self.rewards.names, run_dir, step))
 
 
 def _merge(key: str, values: list[float]) -> float:
@@ -401,31 +401,23 @@ def _merge(key: str, values: list[float]) -> float:
     return min(values) if key.endswith("_min") else statistics.fmean(values)
 
 
-def _rollout_rows(rollout: Rollout, names: list[str]) -> list[dict[str, Any]]:
+ROLLOUT_IMAGES = "rollout_images"  # in the run folder: step<N>/<row>-<k>.png, the k-th image a sampled row's tools made
+
+
+def _rollout_rows(rollout: Rollout, names: list[str], run_dir: Path | None = None,
+                  step: int = 0) -> list[dict[str, Any]]:
+    """The logged rows of a rollout; a tool conversation's with every turn (tool_eval.conversation_fields)
+    and, with `run_dir`, its tools' images written there under ROLLOUT_IMAGES, each named (relative to
+    the run folder) by the turn whose call made it."""
     rows = []
     for i, (text, record) in enumerate(zip(rollout.completions, rollout.records)):
         rows.append({"source": record.source, "prompt": rollout.prompts[i], "solution": record.solution,
                      "completion": text, "advantage": round(float(rollout.advantages[i]), 4),
                      **{name: rollout.scores[name][i] for name in names}})
         if rollout.conversations is not None:  # every turn and the tool's answer to it
-            rows[-1]["turns"] = rollout.conversations[i].rows()
+            save = None if run_dir is None else image_saver(run_dir, f"{ROLLOUT_IMAGES}/step{step}/{i}")
+            rows[-1].update(conversation_fields(rollout.conversations[i], save))
     return rows
-
-
-ROLLOUT_IMAGES = "rollout_images"  # in the run folder: step<N>/<row>-<turn>.png, the images a sampled row's tools made
-
-
-def _save_tool_images(rows: list[dict[str, Any]], conversations: list[Any], out: Path, step: int) -> None:
-    """Each sampled conversation's tool images as PNGs; the turn that called the tool names its file
-    (relative to the run folder), so the report shows the image beside the call."""
-    for row, (entry, conv) in enumerate(zip(rows, conversations)):
-        for turn, (image, _) in enumerate(conv.conversation.results):
-            if image is None:
-                continue
-            relative = Path(ROLLOUT_IMAGES) / f"step{step}" / f"{row}-{turn + 1}.png"
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            image.save(out / relative, format="PNG")
-            entry["turns"][turn]["image"] = relative.as_posix()
 
 
 def train_grpo(cfg: Config, *, resume: bool = False) -> Path:
