@@ -139,3 +139,57 @@ def test_train_with_tools_from_the_command_line(tool_cfg, tiny_model_dir, tmp_pa
     assert metrics["num_samples"] == 3 and 0.0 <= metrics["tool/call_rate"] <= 1.0
     assert load_config(evaluated / "config.yaml").model.name_or_path == str(out / "checkpoint-2" / "model")
 
+
+
+def test_the_shipped_tools_config_runs_sft_then_grpo_with_its_own_settings(tiny_model_dir, tmp_path, one_thread):
+    """configs/tools_digits.yaml as shipped (only the model, folders, record count and step counts
+    changed): one SFT step on its trajectories, then one GRPO step from that checkpoint, each run with
+    the values the file sets."""
+    from visual_rft.sft import train_sft
+
+    config = "configs/tools_digits.yaml"
+    keep = ["data.limit=8", "output.progress=false", "eval.steps=-1"]
+    sft_cfg = load_config(config, [f"model.name_or_path={tiny_model_dir}", f"output.dir={tmp_path / 'sft'}",
+                                   "sft.max_steps=1", *keep])
+    records = load_split(sft_cfg)
+    assert {r.fields["rotation"] for r in records} <= {0, 90, 180, 270} and all("tool_calls" in r.fields
+                                                                                for r in records)
+    sft_run = train_sft(sft_cfg, None)
+    assert json.loads((sft_run / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
+
+    cfg = load_config(config, [f"model.name_or_path={next(sft_run.glob('checkpoint-*')) / 'model'}",
+                               f"output.dir={tmp_path / 'grpo'}", "grpo.max_steps=1", *keep])
+    trainer = GRPOTrainer(cfg, load_split(cfg), task_rewards(cfg.task, tools=cfg.tools))
+    assert list(trainer.tools.tools) == ["rotate"] and trainer.tools.max_turns == 3
+    assert '"name": "rotate"' in trainer.tools.system and '"name": "zoom"' not in trainer.tools.system
+    assert trainer.rewards.names == ["accuracy", "format", "tool_calls_ok"] and trainer.rewards.weights == [1, 1, 0.1]
+    metrics, rollouts = trainer.train_step(0)
+    # 4 prompts x G=8 conversations, each turn at most 96 new tokens, at most 3 turns
+    assert [len(r.conversations) for r in rollouts] == [32]
+    turns = [t for c in rollouts[0].conversations for t in c.turns]
+    assert max(t.tokens for t in turns) <= 96 and 1 <= metrics["tool/turns_mean"] <= 3
+    assert trainer.optimizer.param_groups[0]["lr"] == 3e-4 and "reward/tool_calls_ok_mean" in metrics
+
+
+def test_tools_zoom_pixels_sizes_the_zoom_the_model_sees(tiny_model_dir):
+    """tools.zoom_pixels from the config reaches the call: the zoomed image has that area (sides
+    multiples of 28), whatever the size of the image zoomed into."""
+    from visual_rft.runtime import load_policy
+    from visual_rft.rl.tool_rollout import ToolRunner
+
+    call = '<think>look</think><tool_call>\n{"name": "zoom", "arguments": {"box": [0, 0, 500, 500]}}\n</tool_call>'
+    cfg = load_config("configs/demo.yaml", [f"model.name_or_path={tiny_model_dir}", "tools.enabled=true",
+                                            "tools.names=[zoom]", "tools.zoom_pixels=12544", "task.box_space=qwen2vl"])
+    _, processor = load_policy(cfg, torch.device("cpu"))
+    end = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    def zoomed(runner):
+        conv = runner.start(processor, "What digit?", [Image.new("RGB", (448, 448), (40, 40, 40))])
+        conv.add_model_turn(processor.tokenizer.encode(call, add_special_tokens=False) + end)
+        assert runner.answer(conv, call).error is None
+        return conv.tool_images[0].size
+
+    assert zoomed(ToolRunner.from_config(cfg, processor)) == (112, 112)  # 112 x 112 = 12544 pixels
+    unset = load_config("configs/demo.yaml", [f"model.name_or_path={tiny_model_dir}", "tools.enabled=true",
+                                              "tools.names=[zoom]", "task.box_space=qwen2vl"])
+    assert zoomed(ToolRunner.from_config(unset, processor)) == (448, 448)  # default: the source image's area

@@ -474,12 +474,12 @@ def _validate_tools(cfg: Config) -> None:
     t = cfg.tools
     if not t.enabled:
         return
-    from visual_rft.tools.registry import TOOLS  # the registry imports no config: no cycle
+    from visual_rft.tools.registry import select_tools  # the registry imports no config: no cycle
 
-    unknown = [n for n in t.names if n not in TOOLS]
-    if unknown or not t.names:
-        raise ConfigError(f"tools.names: unknown tool(s) {unknown}; available: {', '.join(TOOLS)}" if unknown
-                          else "tools.names is empty: list the tools the model may call")
+    try:
+        select_tools(t.names)  # unknown names, or none
+    except ValueError as exc:
+        raise ConfigError(f"tools.names: {exc}") from None
     if t.max_turns < 2:
         raise ConfigError(f"tools.max_turns must be >= 2 (a call, then the answer after seeing its result), "
                           f"got {t.max_turns}")

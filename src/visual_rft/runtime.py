@@ -81,11 +81,11 @@ def _check_pixel_boxes(records: list[Record], size: int | None, where: str) -> N
 def check_data(cfg: Config) -> dict[str, Any]:
     """`visual-rft data check`: every configured split, checked in full (the policy is not applied)."""
     out: dict[str, Any] = {}
+    tools = trajectory_check(cfg)
     for which in ("train", "eval"):
         path = getattr(cfg.data, which)
         if not path:
             continue
-        tools = trajectory_check(cfg)
         records = load_records(path, task=cfg.task.name, image_root=cfg.data.image_root, limit=cfg.data.limit,
                                box_space=tools.settings.box_space if tools else None)
         report = check_records(records, cfg.task.name, max_pixels=cfg.data.max_image_pixels, tools=tools)
@@ -140,6 +140,18 @@ def prompt_parts(records: list[Record], cfg: Config) -> tuple[list[list[Image.Im
             [build_prompt(record, cfg.task) for record in records])
 
 
+def check_prompt_length(inputs: dict[str, torch.Tensor], max_prompt_length: int | None, records: list[Record],
+                        what: str = "prompt") -> None:
+    """Stop on a (left-padded) batch of prompts longer than grpo.max_prompt_length, naming its records."""
+    length = inputs["input_ids"].size(1)
+    if max_prompt_length and length > max_prompt_length:
+        sources = ", ".join(r.source for r in records)
+        raise ValueError(
+            f"{what} of {length} tokens exceeds grpo.max_prompt_length={max_prompt_length} ({sources}); "
+            "raise the limit or lower model.max_pixels — cutting a prompt would cut its image tokens"
+        )
+
+
 def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: torch.device,
                  max_prompt_length: int | None = None, parts: tuple[list[list[Image.Image]], list[str]] | None = None
                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -147,11 +159,5 @@ def prompt_batch(records: list[Record], cfg: Config, processor: Any, device: tor
     `parts`: prompt_parts(records, cfg) where the caller already has them (decoded once)."""
     images, prompts = parts if parts is not None else prompt_parts(records, cfg)
     inputs = build_model_inputs(processor, images, prompts, system=cfg.task.system_prompt)
-    length = inputs["input_ids"].size(1)
-    if max_prompt_length and length > max_prompt_length:
-        sources = ", ".join(r.source for r in records)
-        raise ValueError(
-            f"prompt of {length} tokens exceeds grpo.max_prompt_length={max_prompt_length} ({sources}); "
-            "raise the limit or lower model.max_pixels — cutting a prompt would cut its image tokens"
-        )
+    check_prompt_length(inputs, max_prompt_length, records)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, prompts

@@ -29,8 +29,8 @@ from visual_rft.rl.rollout import Rollout, eos_token_ids, lm_head_weight, repeat
 from visual_rft.rl.tool_rollout import (ToolRunner, conversation_rollout, run_conversations, summarize_tool_columns,
                                         tool_columns, tool_metric_columns, turn_seed)
 from visual_rft.runlog import PhaseTimer, RunLog
+from visual_rft.runtime import check_prompt_length, load_policy, load_split, prompt_batch, prompt_parts
 from visual_rft.tool_eval import conversation_fields, image_saver
-from visual_rft.runtime import load_policy, load_split, prompt_batch, prompt_parts
 
 
 class GRPOTrainer:
@@ -119,9 +119,9 @@ class GRPOTrainer:
         paths: dict[str, bool] = {}
 
         def draw(inputs, images_per_row, group_size, turn, prompt_rows, row_images):
-            if turn == 0 and inputs["input_ids"].size(1) > self.g.max_prompt_length:
-                raise ValueError(f"prompt of {inputs['input_ids'].size(1)} tokens (the tools' system text included) "
-                                 f"exceeds grpo.max_prompt_length={self.g.max_prompt_length}")
+            if turn == 0:
+                check_prompt_length(inputs, self.g.max_prompt_length, batch,
+                                    what="prompt (the tools' system text included)")
             request = RolloutRequest([batch[i] for i in prompt_rows], inputs, images_per_row, group_size,
                                      turn_seed(seed, turn), pixel_rows=pixel_rows_per_prompt(self.processor, inputs),
                                      row_images=row_images)

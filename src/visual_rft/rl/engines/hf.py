@@ -54,8 +54,9 @@ class HFRolloutEngine:
         sampler = self.g.sampler if self.g.sampler != "auto" else default_sampler(device)
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        held = contextlib.nullcontext(self._held) if self._held is not None else None
-        with held or self.training_engine.generation_weights(model) as policy:  # ZeRO-3 / FSDP: gather once
+        weights = (contextlib.nullcontext(self._held) if self._held is not None  # inside hold(): gathered already
+                   else self.training_engine.generation_weights(model))  # ZeRO-3 / FSDP: gather once
+        with weights as policy:
             ids, mask, texts = generate_grouped(
                 policy, self.tokenizer, request.group_inputs, g, max_new_tokens=self.g.max_completion_length,
                 temperature=self.g.temperature, top_p=self.g.top_p, top_k=self.g.top_k, suppress_ids=self.suppress,
